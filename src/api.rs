@@ -1,0 +1,758 @@
+//! api: the public HTTPS API (`/v1`), and the one place that maps errors to HTTP statuses and
+//! RFC 9457 problem documents. Talks to the replicated core only through [`Cluster`]; never to
+//! openraft or RocksDB directly.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use axum_server::tls::TlsInfo;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::identity;
+use crate::raft::{Cluster, ClusterError, Member, WriteOp};
+use crate::registry::{self, Filter, InstanceSpec, Outcome, Precondition, ValidationError};
+
+pub const HEADER_INDEX: &str = "x-cairn-index";
+pub const HEADER_LEADER: &str = "x-cairn-leader";
+pub const HEADER_LAST_CONTACT: &str = "x-cairn-last-contact";
+
+/// What the API handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub cluster: Cluster,
+    pub trust_domain: String,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Cap on `wait=` of blocking queries.
+    pub max_wait: Duration,
+}
+
+/// The authenticated caller of a request (its SPIFFE identity, `kind/name`).
+#[derive(Debug, Clone)]
+struct Caller(String);
+
+/// Every way a request can fail, mapped to a status and a stable problem `type` in
+/// [`IntoResponse`] below — the only place that does so.
+#[derive(Debug)]
+pub enum ApiError {
+    Invalid {
+        field: String,
+        message: String,
+    },
+    PayloadTooLarge {
+        limit: usize,
+    },
+    Unauthenticated {
+        reason: String,
+    },
+    NotFound {
+        what: String,
+    },
+    MethodNotAllowed,
+    PreconditionFailed {
+        detail: String,
+        current_index: Option<u64>,
+    },
+    Conflict {
+        reason: String,
+    },
+    NoQuorum {
+        reason: String,
+    },
+    Unavailable {
+        reason: String,
+    },
+}
+
+#[derive(Serialize)]
+struct Problem {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    title: &'static str,
+    status: u16,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    current_index: Option<u64>,
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        ApiError::Invalid {
+            field: e.field,
+            message: e.message,
+        }
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::NoQuorum { reason } => ApiError::NoQuorum { reason },
+            ClusterError::Unavailable { reason } => ApiError::Unavailable { reason },
+            ClusterError::NotLeader { .. } => ApiError::Unavailable {
+                reason: "leader changed; retry".into(),
+            },
+            ClusterError::NotFound { what } => ApiError::NotFound { what },
+            ClusterError::Invalid { field, message } => ApiError::Invalid { field, message },
+            ClusterError::Conflict { reason } => ApiError::Conflict { reason },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind, title) = match &self {
+            ApiError::Invalid { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid-request",
+                "Invalid request",
+            ),
+            ApiError::PayloadTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid-request",
+                "Request body too large",
+            ),
+            ApiError::Unauthenticated { .. } => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "Unauthenticated",
+            ),
+            ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid-request",
+                "Method not allowed",
+            ),
+            ApiError::PreconditionFailed { .. } => (
+                StatusCode::PRECONDITION_FAILED,
+                "precondition-failed",
+                "Precondition failed",
+            ),
+            ApiError::Conflict { .. } => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            ApiError::NoQuorum { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "no-quorum", "No quorum")
+            }
+            ApiError::Unavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Unavailable",
+            ),
+        };
+        let (detail, field, current_index) = match self {
+            ApiError::Invalid { field, message } => {
+                (format!("{field}: {message}"), Some(field), None)
+            }
+            ApiError::PayloadTooLarge { limit } => (
+                format!("request body exceeds the limit of {limit} bytes"),
+                Some("body".to_string()),
+                None,
+            ),
+            ApiError::Unauthenticated { reason } => (reason, None, None),
+            ApiError::NotFound { what } => (format!("{what} not found"), None, None),
+            ApiError::MethodNotAllowed => {
+                ("method not allowed on this resource".into(), None, None)
+            }
+            ApiError::PreconditionFailed {
+                detail,
+                current_index,
+            } => (detail, None, current_index),
+            ApiError::Conflict { reason } => (reason, None, None),
+            ApiError::NoQuorum { reason } | ApiError::Unavailable { reason } => {
+                (reason, None, None)
+            }
+        };
+        let problem = Problem {
+            kind,
+            title,
+            status: status.as_u16(),
+            detail,
+            field,
+            current_index,
+        };
+        let mut resp = (status, Json(problem)).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The public router. Every route requires an authenticated caller.
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{service}", get(query_service))
+        .route(
+            "/v1/services/{service}/instances/{id}",
+            put(register).delete(deregister).get(get_instance),
+        )
+        .route(
+            "/v1/services/{service}/instances/{id}/heartbeat",
+            put(heartbeat),
+        )
+        .route("/v1/cluster/status", get(cluster_status))
+        .route("/v1/cluster/members", post(add_member))
+        .route(
+            "/v1/cluster/members/{id}",
+            axum::routing::delete(remove_member),
+        )
+        .route("/v1/health/live", get(live))
+        .route("/v1/health/ready", get(ready))
+        .fallback(|| async {
+            ApiError::NotFound {
+                what: "resource".into(),
+            }
+        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
+    api.layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(state.clone(), cairn_headers))
+        .with_state(state)
+}
+
+/// Maps the client certificate (already verified against the CA by the TLS layer) to a SPIFFE
+/// identity. Identity is never taken from headers or parameters.
+async fn authenticate(
+    State(s): State<ApiState>,
+    tls: Option<Extension<Arc<TlsInfo>>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(Extension(tls)) = tls else {
+        return ApiError::Unauthenticated {
+            reason: "no TLS session".into(),
+        }
+        .into_response();
+    };
+    let Some(leaf) = tls.peer_certificates.first() else {
+        return ApiError::Unauthenticated {
+            reason: "no client certificate".into(),
+        }
+        .into_response();
+    };
+    match identity::identity_from_cert(leaf, &s.trust_domain) {
+        Ok(id) => {
+            let caller = id.to_string();
+            tracing::debug!(principal = %caller, method = %req.method(), path = %req.uri().path(), "request");
+            req.extensions_mut().insert(Caller(caller));
+            next.run(req).await
+        }
+        Err(e) => ApiError::Unauthenticated {
+            reason: format!("client certificate: {e}"),
+        }
+        .into_response(),
+    }
+}
+
+/// Adds `X-Cairn-Leader` and (unless a handler set a more specific one) `X-Cairn-Index` to
+/// every response, errors included.
+async fn cairn_headers(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let leader = s
+        .cluster
+        .leader()
+        .map_or_else(|| "none".to_string(), |(id, _)| id.to_string());
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&leader) {
+        h.insert(HeaderName::from_static(HEADER_LEADER), v);
+    }
+    if !h.contains_key(HEADER_INDEX) {
+        let index = s.cluster.state().read().registry.index();
+        h.insert(
+            HeaderName::from_static(HEADER_INDEX),
+            HeaderValue::from(index),
+        );
+    }
+    resp
+}
+
+fn with_index(mut resp: Response, index: u64) -> Response {
+    resp.headers_mut().insert(
+        HeaderName::from_static(HEADER_INDEX),
+        HeaderValue::from(index),
+    );
+    resp
+}
+
+/// Reads a JSON body under the size limit; errors name the offending field.
+async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> ApiResult<T> {
+    let bytes: Bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() {
+            "body".to_string()
+        } else {
+            path
+        };
+        ApiError::Invalid {
+            field,
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(v)| v).map_err(|e| ApiError::Invalid {
+        field: "query".into(),
+        message: e.body_text(),
+    })
+}
+
+fn validate_names(service: &str, id: Option<&str>) -> ApiResult<()> {
+    registry::validate_service_name(service)?;
+    if let Some(id) = id {
+        registry::validate_instance_id(id)?;
+    }
+    Ok(())
+}
+
+fn precondition(headers: &HeaderMap) -> ApiResult<Precondition> {
+    let if_match = headers.get(header::IF_MATCH);
+    let if_none = headers.get(header::IF_NONE_MATCH);
+    match (if_match, if_none) {
+        (Some(_), Some(_)) => Err(ApiError::Invalid {
+            field: "If-Match".into(),
+            message: "If-Match and If-None-Match cannot be combined".into(),
+        }),
+        (Some(v), None) => {
+            let text = v.to_str().unwrap_or_default().trim().trim_matches('"');
+            text.parse::<u64>()
+                .map(Precondition::IfMatch)
+                .map_err(|_| ApiError::Invalid {
+                    field: "If-Match".into(),
+                    message: "expected the instance's modify_index (an unsigned integer)".into(),
+                })
+        }
+        (None, Some(v)) if v.as_bytes() == b"*" => Ok(Precondition::IfAbsent),
+        (None, Some(_)) => Err(ApiError::Invalid {
+            field: "If-None-Match".into(),
+            message: "only `*` (create-only) is supported".into(),
+        }),
+        (None, None) => Ok(Precondition::None),
+    }
+}
+
+fn etag(index: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{index}\"")).expect("digits are a valid header value")
+}
+
+fn outcome_response(
+    outcome: Outcome,
+    index: u64,
+    precondition: Precondition,
+) -> ApiResult<Response> {
+    match outcome {
+        Outcome::Registered { instance, created } => {
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let mut resp = (status, Json(&instance)).into_response();
+            resp.headers_mut()
+                .insert(header::ETAG, etag(instance.modify_index));
+            Ok(with_index(resp, index))
+        }
+        Outcome::Deregistered { instance } => {
+            Ok(with_index(Json(&instance).into_response(), index))
+        }
+        Outcome::PreconditionFailed { current_index } => {
+            let detail = match (precondition, current_index) {
+                (Precondition::IfAbsent, _) => {
+                    "instance already exists (If-None-Match: *)".to_string()
+                }
+                (_, Some(i)) => format!("instance modify_index is {i}"),
+                (_, None) => "instance does not exist".to_string(),
+            };
+            Err(ApiError::PreconditionFailed {
+                detail,
+                current_index,
+            })
+        }
+        Outcome::NotFound => Err(ApiError::NotFound {
+            what: "instance".into(),
+        }),
+        Outcome::Invalid(v) => Err(v.into()),
+        Outcome::Leases { .. } => Err(ApiError::Unavailable {
+            reason: "unexpected outcome".into(),
+        }),
+    }
+}
+
+async fn register(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path((service, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    validate_names(&service, Some(&id))?;
+    let precondition = precondition(&headers)?;
+    let spec: InstanceSpec = read_json(body, s.max_body_bytes).await?;
+    spec.validate()?;
+    let res = s
+        .cluster
+        .write(
+            WriteOp::Register {
+                service,
+                id,
+                spec,
+                precondition,
+            },
+            &caller.0,
+        )
+        .await?;
+    outcome_response(res.outcome, res.index, precondition)
+}
+
+async fn deregister(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path((service, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    validate_names(&service, Some(&id))?;
+    let precondition = precondition(&headers)?;
+    let res = s
+        .cluster
+        .write(
+            WriteOp::Deregister {
+                service,
+                id,
+                precondition,
+            },
+            &caller.0,
+        )
+        .await?;
+    outcome_response(res.outcome, res.index, precondition)
+}
+
+async fn heartbeat(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path((service, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    validate_names(&service, Some(&id))?;
+    let res = s.cluster.heartbeat(&service, &id, &caller.0).await?;
+    Ok(Json(res).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadParams {
+    consistency: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceParams {
+    consistency: Option<String>,
+    healthy: Option<bool>,
+    tag: Option<String>,
+    zone: Option<String>,
+    near: Option<String>,
+    index: Option<u64>,
+    wait: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Consistency {
+    Linearizable,
+    Stale,
+}
+
+fn consistency(v: Option<&str>) -> ApiResult<Consistency> {
+    match v {
+        None | Some("linearizable") | Some("default") => Ok(Consistency::Linearizable),
+        Some("stale") => Ok(Consistency::Stale),
+        Some(other) => Err(ApiError::Invalid {
+            field: "consistency".into(),
+            message: format!("`{other}` is not one of linearizable, stale"),
+        }),
+    }
+}
+
+/// Runs the read barrier the consistency level asks for; returns headers to add.
+async fn barrier(s: &ApiState, c: Consistency) -> ApiResult<Vec<(HeaderName, HeaderValue)>> {
+    match c {
+        Consistency::Linearizable => {
+            s.cluster.read_barrier().await?;
+            Ok(vec![])
+        }
+        Consistency::Stale => {
+            let v = s
+                .cluster
+                .last_contact_ms()
+                .map_or_else(|| "never".to_string(), |ms| ms.to_string());
+            let v = HeaderValue::from_str(&v).expect("digits or `never`");
+            Ok(vec![(HeaderName::from_static(HEADER_LAST_CONTACT), v)])
+        }
+    }
+}
+
+fn add_headers(mut resp: Response, extra: Vec<(HeaderName, HeaderValue)>) -> Response {
+    for (k, v) in extra {
+        resp.headers_mut().insert(k, v);
+    }
+    resp
+}
+
+/// Parses `wait=`: `30s`, `500ms`, `2m`, or plain seconds.
+fn parse_wait(v: &str, max: Duration) -> ApiResult<Duration> {
+    let bad = || ApiError::Invalid {
+        field: "wait".into(),
+        message: format!("`{v}` is not a duration like 30s, 500ms or 2m"),
+    };
+    let (num, unit) = match v.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => v.split_at(i),
+        None => (v, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(bad()),
+    };
+    Ok(d.min(max))
+}
+
+#[derive(Serialize)]
+struct ServicesBody {
+    index: u64,
+    services: Vec<registry::ServiceSummary>,
+}
+
+async fn list_services(
+    State(s): State<ApiState>,
+    q: Result<Query<ReadParams>, QueryRejection>,
+) -> ApiResult<Response> {
+    let p = query(q)?;
+    let extra = barrier(&s, consistency(p.consistency.as_deref())?).await?;
+    let body = {
+        let st = s.cluster.state().read();
+        ServicesBody {
+            index: st.registry.index(),
+            services: st.registry.services(),
+        }
+    };
+    let index = body.index;
+    Ok(with_index(
+        add_headers(Json(body).into_response(), extra),
+        index,
+    ))
+}
+
+#[derive(Serialize)]
+struct ServiceBody {
+    service: String,
+    index: u64,
+    instances: Vec<registry::Instance>,
+}
+
+async fn query_service(
+    State(s): State<ApiState>,
+    Path(service): Path<String>,
+    q: Result<Query<ServiceParams>, QueryRejection>,
+) -> ApiResult<Response> {
+    validate_names(&service, None)?;
+    let p = query(q)?;
+    let c = consistency(p.consistency.as_deref())?;
+    let wait = match &p.wait {
+        Some(w) => Some(parse_wait(w, s.max_wait)?),
+        None => None,
+    };
+    if wait.is_some() && p.index.is_none() {
+        return Err(ApiError::Invalid {
+            field: "wait".into(),
+            message: "wait needs index=N".into(),
+        });
+    }
+    let extra = barrier(&s, c).await?;
+    let filter = Filter {
+        healthy: p.healthy,
+        tag: p.tag,
+        zone: p.zone,
+        near: p.near,
+    };
+    if let Some(seen) = p.index {
+        // Blocking query: return as soon as the service's index moves past `seen`, or at the
+        // timeout (default 5 minutes capped by max_wait) with the unchanged result.
+        let deadline = Instant::now() + wait.unwrap_or(s.max_wait);
+        let mut applied = s.cluster.state().subscribe();
+        loop {
+            if s.cluster.state().read().registry.service_index(&service) > seen {
+                break;
+            }
+            match tokio::time::timeout_at(deadline.into(), applied.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+    }
+    let body = {
+        let st = s.cluster.state().read();
+        ServiceBody {
+            index: st.registry.service_index(&service),
+            instances: st.registry.instances(&service, &filter),
+            service,
+        }
+    };
+    let index = body.index;
+    Ok(with_index(
+        add_headers(Json(body).into_response(), extra),
+        index,
+    ))
+}
+
+async fn get_instance(
+    State(s): State<ApiState>,
+    Path((service, id)): Path<(String, String)>,
+    q: Result<Query<ReadParams>, QueryRejection>,
+) -> ApiResult<Response> {
+    validate_names(&service, Some(&id))?;
+    let p = query(q)?;
+    let extra = barrier(&s, consistency(p.consistency.as_deref())?).await?;
+    let inst = s
+        .cluster
+        .state()
+        .read()
+        .registry
+        .instance(&service, &id)
+        .cloned();
+    let inst = inst.ok_or_else(|| ApiError::NotFound {
+        what: format!("instance {service}/{id}"),
+    })?;
+    let mut resp = Json(&inst).into_response();
+    resp.headers_mut()
+        .insert(header::ETAG, etag(inst.modify_index));
+    Ok(with_index(add_headers(resp, extra), inst.modify_index))
+}
+
+async fn cluster_status(State(s): State<ApiState>) -> ApiResult<Response> {
+    Ok(Json(s.cluster.status().await).into_response())
+}
+
+/// Body of `POST /v1/cluster/members`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMember {
+    id: u64,
+    api: String,
+    raft: String,
+    zone: String,
+    #[serde(default = "yes")]
+    voter: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn add_member(State(s): State<ApiState>, body: Body) -> ApiResult<Response> {
+    let m: AddMember = read_json(body, s.max_body_bytes).await?;
+    if m.id == 0 {
+        return Err(ApiError::Invalid {
+            field: "id".into(),
+            message: "node ids start at 1".into(),
+        });
+    }
+    for (field, addr) in [("api", &m.api), ("raft", &m.raft)] {
+        addr.parse::<SocketAddr>().map_err(|_| ApiError::Invalid {
+            field: field.into(),
+            message: format!("`{addr}` is not ip:port"),
+        })?;
+    }
+    registry::validate_service_name(&m.zone).map_err(|e| ApiError::Invalid {
+        field: "zone".into(),
+        message: e.message,
+    })?;
+    let member = Member {
+        api: m.api,
+        raft: m.raft,
+        zone: m.zone,
+    };
+    Ok(Json(s.cluster.add_member(m.id, member, m.voter).await?).into_response())
+}
+
+async fn remove_member(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id: u64 = id.parse().map_err(|_| ApiError::Invalid {
+        field: "id".into(),
+        message: format!("`{id}` is not a node id"),
+    })?;
+    Ok(Json(s.cluster.remove_member(id).await?).into_response())
+}
+
+async fn live() -> Response {
+    Json(BTreeMap::from([("status", "live")])).into_response()
+}
+
+/// Ready when a leader is known and this node has applied what it knows is committed.
+async fn ready(State(s): State<ApiState>) -> ApiResult<Response> {
+    if s.cluster.leader().is_none() {
+        return Err(ApiError::Unavailable {
+            reason: "no leader known".into(),
+        });
+    }
+    Ok(Json(BTreeMap::from([("status", "ready")])).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_durations_parse_and_cap() {
+        let max = Duration::from_secs(300);
+        assert_eq!(parse_wait("30s", max).ok(), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_wait("500ms", max).ok(),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_wait("2m", max).ok(), Some(Duration::from_secs(120)));
+        assert_eq!(parse_wait("7", max).ok(), Some(Duration::from_secs(7)));
+        assert_eq!(parse_wait("1000m", max).ok(), Some(max));
+        for bad in ["", "s", "10h", "-1s", "1.5s"] {
+            assert!(parse_wait(bad, max).is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn preconditions_parse() {
+        let mut h = HeaderMap::new();
+        assert_eq!(precondition(&h).ok(), Some(Precondition::None));
+        h.insert(header::IF_MATCH, HeaderValue::from_static("\"12\""));
+        assert_eq!(precondition(&h).ok(), Some(Precondition::IfMatch(12)));
+        h.insert(header::IF_MATCH, HeaderValue::from_static("abc"));
+        assert!(
+            matches!(precondition(&h), Err(ApiError::Invalid { field, .. }) if field == "If-Match")
+        );
+        let mut h = HeaderMap::new();
+        h.insert(header::IF_NONE_MATCH, HeaderValue::from_static("*"));
+        assert_eq!(precondition(&h).ok(), Some(Precondition::IfAbsent));
+        h.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"3\""));
+        assert!(precondition(&h).is_err());
+    }
+}

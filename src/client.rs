@@ -1,0 +1,153 @@
+//! client: the HTTPS client behind the CLI's client commands. Talks to any node of
+//! `--endpoints` with a client certificate and moves to the next endpoint when one cannot be
+//! reached. Knows nothing of the server's internals: only the public REST API.
+
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::tls;
+
+/// A failed client call, with one clear line for stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no endpoint given")]
+    NoEndpoints,
+    #[error("no endpoint reachable (last error: {0})")]
+    Unreachable(String),
+    #[error("{status}: {detail}")]
+    Api {
+        status: u16,
+        kind: String,
+        detail: String,
+    },
+    #[error("bad response from {endpoint}: {reason}")]
+    BadResponse { endpoint: String, reason: String },
+    #[error("tls setup: {0}")]
+    Tls(String),
+}
+
+/// An answer from the API.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Value,
+    /// `X-Cairn-Index`, if present.
+    pub index: Option<u64>,
+    /// `X-Cairn-Leader`, if present.
+    pub leader: Option<String>,
+}
+
+pub struct Client {
+    endpoints: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// `endpoints` are `host:port` or `https://host:port`, any node of the cluster.
+    pub fn new(
+        endpoints: &[String],
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        tls::install_crypto_provider();
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .flat_map(|e| e.split(','))
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                if e.starts_with("https://") {
+                    e.trim_end_matches('/').to_string()
+                } else {
+                    format!("https://{e}")
+                }
+            })
+            .collect();
+        if endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let http =
+            tls::api_client(ca, cert, key, timeout).map_err(|e| ClientError::Tls(e.to_string()))?;
+        Ok(Client { endpoints, http })
+    }
+
+    /// Sends one request, trying each endpoint in turn while they cannot be reached. An
+    /// endpoint that answers (even with an error status) ends the search: the request may have
+    /// taken effect there.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, String)],
+    ) -> Result<Reply, ClientError> {
+        let mut last = String::new();
+        for ep in &self.endpoints {
+            let mut req = self.http.request(method.clone(), format!("{ep}{path}"));
+            for (k, v) in headers {
+                req = req.header(*k, v);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) if e.is_connect() => {
+                    last = format!("{ep}: {e}");
+                    continue;
+                }
+                Err(e) => return Err(ClientError::Unreachable(format!("{ep}: {e}"))),
+            };
+            let status = resp.status();
+            let header = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let index = header("x-cairn-index").and_then(|v| v.parse().ok());
+            let leader = header("x-cairn-leader");
+            let text = resp.text().await.map_err(|e| ClientError::BadResponse {
+                endpoint: ep.clone(),
+                reason: e.to_string(),
+            })?;
+            let body: Value = if text.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text).map_err(|e| ClientError::BadResponse {
+                    endpoint: ep.clone(),
+                    reason: e.to_string(),
+                })?
+            };
+            if !status.is_success() {
+                let kind = body
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error")
+                    .to_string();
+                let detail = body
+                    .get("detail")
+                    .and_then(Value::as_str)
+                    .unwrap_or(status.as_str())
+                    .to_string();
+                return Err(ClientError::Api {
+                    status: status.as_u16(),
+                    kind,
+                    detail,
+                });
+            }
+            return Ok(Reply {
+                status,
+                body,
+                index,
+                leader,
+            });
+        }
+        Err(ClientError::Unreachable(last))
+    }
+}

@@ -1,0 +1,608 @@
+//! The `cairn` binary: argument parsing and exit codes (0 ok, 1 error with one line on
+//! stderr, 2 usage); everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use cairn::certs::{self, CertAuthority, IssueRequest, Validity};
+use cairn::client::Client;
+use cairn::config::{Config, Overrides};
+use cairn::crypto::Keyring;
+use cairn::identity::Identity;
+
+#[derive(Parser)]
+#[command(name = "cairn", version, about = "A secure internal service registry")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one node of a cluster.
+    Server(ServerArgs),
+    /// Start a throwaway local cluster (CA and certificates generated) until Ctrl-C.
+    Dev(DevArgs),
+    /// Offline certificate authority.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Offline keyring tools.
+    #[command(subcommand)]
+    Keyring(KeyringCmd),
+    /// Register (or update) an instance.
+    Register(RegisterArgs),
+    /// Deregister an instance.
+    Deregister(InstanceArgs),
+    /// Renew an instance's lease.
+    Heartbeat(InstanceArgs),
+    /// List services.
+    Services(ServicesArgs),
+    /// List a service's instances.
+    Query(QueryArgs),
+    /// Cluster operations.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Node configuration file (TOML).
+    #[arg(long, env = "CAIRN_CONFIG")]
+    config: PathBuf,
+    /// Overrides `data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Overrides `log` (a tracing filter such as `info` or `cairn=debug`).
+    #[arg(long)]
+    log: Option<String>,
+    /// Overrides `node_id`.
+    #[arg(long)]
+    node_id: Option<u64>,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(3..=5))]
+    nodes: u8,
+    /// Keep everything (certificates, configs, data, logs) here; reused on the next run.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a new cluster CA (ca.pem, ca-key.pem) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cairn.local")]
+        trust_domain: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a node, service or operator certificate signed by the CA in --ca-dir.
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long, value_enum)]
+        kind: CertKind,
+        /// Node id (for nodes) or name (for services and operators).
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "cairn.local")]
+        trust_domain: String,
+        /// IP SANs (nodes: the node's address).
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+        /// DNS SANs.
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// Output directory; writes <stem>.pem and <stem>-key.pem.
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// File stem; default `<kind>-<name>`.
+        #[arg(long)]
+        stem: Option<String>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CertKind {
+    Node,
+    Service,
+    Operator,
+}
+
+#[derive(Subcommand)]
+enum KeyringCmd {
+    /// Write a new keyring file (mode 0600) with one random key.
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Comma-separated API endpoints (any node), tried in order.
+    #[arg(
+        long,
+        env = "CAIRN_ENDPOINTS",
+        default_value = "127.0.0.11:7400,127.0.0.12:7400,127.0.0.13:7400"
+    )]
+    endpoints: String,
+    /// CA certificate.
+    #[arg(long, env = "CAIRN_CA")]
+    ca: PathBuf,
+    /// Client certificate.
+    #[arg(long, env = "CAIRN_CERT")]
+    cert: PathBuf,
+    /// Client private key.
+    #[arg(long, env = "CAIRN_KEY")]
+    key: PathBuf,
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+    /// Request timeout in seconds.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
+#[derive(Args)]
+struct InstanceArgs {
+    service: String,
+    id: String,
+    /// Only if the instance's modify_index equals this.
+    #[arg(long)]
+    if_match: Option<u64>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+struct RegisterArgs {
+    service: String,
+    id: String,
+    #[arg(long)]
+    address: String,
+    #[arg(long)]
+    port: u16,
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// key=value, repeatable.
+    #[arg(long = "meta")]
+    meta: Vec<String>,
+    #[arg(long)]
+    zone: Option<String>,
+    /// Lease in seconds; renew with `cairn heartbeat`.
+    #[arg(long)]
+    ttl: Option<u32>,
+    /// Compare-and-set on modify_index.
+    #[arg(long)]
+    if_match: Option<u64>,
+    /// Create only (fail if it exists).
+    #[arg(long)]
+    create_only: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+struct ServicesArgs {
+    #[arg(long)]
+    stale: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    service: String,
+    #[arg(long)]
+    healthy: bool,
+    #[arg(long)]
+    tag: Option<String>,
+    #[arg(long)]
+    zone: Option<String>,
+    #[arg(long)]
+    near: Option<String>,
+    #[arg(long)]
+    stale: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Leader, term, indices and members.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Add a node (as a learner, then promoted to voter unless --learner).
+    Add {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        api: String,
+        #[arg(long)]
+        raft: String,
+        #[arg(long)]
+        zone: String,
+        #[arg(long)]
+        learner: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a node.
+    Remove {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cairn: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cairn: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Server(a) => server(a).await,
+        Cmd::Dev(a) => {
+            if a.nodes == 4 {
+                bail!(
+                    "--nodes: a cluster has 3 or 5 nodes (an even count adds no fault tolerance)"
+                );
+            }
+            cairn::dev::run(usize::from(a.nodes), a.dir).await
+        }
+        Cmd::Certs(c) => certs_cmd(c),
+        Cmd::Keyring(KeyringCmd::Generate { out }) => {
+            Keyring::generate()
+                .write_new(&out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Cmd::Register(a) => register(a).await,
+        Cmd::Deregister(a) => {
+            let headers = if_match(a.if_match);
+            let path = instance_path(&a.service, &a.id);
+            let reply = connect(&a.client)?
+                .request(Method::DELETE, &path, None, &headers)
+                .await?;
+            print(a.client.output, &reply.body, || {
+                format!("deregistered {}/{}", a.service, a.id)
+            });
+            Ok(())
+        }
+        Cmd::Heartbeat(a) => {
+            let path = format!("{}/heartbeat", instance_path(&a.service, &a.id));
+            let reply = connect(&a.client)?
+                .request(Method::PUT, &path, None, &[])
+                .await?;
+            print(a.client.output, &reply.body, || {
+                format!(
+                    "renewed {}/{} for {}s",
+                    a.service, a.id, reply.body["ttl_seconds"]
+                )
+            });
+            Ok(())
+        }
+        Cmd::Services(a) => {
+            let path = if a.stale {
+                "/v1/services?consistency=stale"
+            } else {
+                "/v1/services"
+            };
+            let reply = connect(&a.client)?
+                .request(Method::GET, path, None, &[])
+                .await?;
+            print(a.client.output, &reply.body, || {
+                let mut out = format!("{:<32} {:>9} {:>8}", "SERVICE", "INSTANCES", "PASSING");
+                for s in reply.body["services"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "\n{:<32} {:>9} {:>8}",
+                        s["name"].as_str().unwrap_or("?"),
+                        s["instances"],
+                        s["passing"]
+                    ));
+                }
+                out
+            });
+            Ok(())
+        }
+        Cmd::Query(a) => query(a).await,
+        Cmd::Cluster(c) => cluster_cmd(c).await,
+    }
+}
+
+async fn server(a: ServerArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        data_dir: a.data_dir,
+        log: a.log,
+        node_id: a.node_id,
+    };
+    let cfg = Config::load(&a.config, &overrides)?;
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log)
+        .with_context(|| format!("invalid log filter `{}`", cfg.log))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    cairn::node::run(cfg, Default::default(), shutdown_signal()).await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn certs_cmd(c: CertsCmd) -> anyhow::Result<()> {
+    match c {
+        CertsCmd::Init {
+            dir,
+            trust_domain,
+            days,
+        } => {
+            std::fs::create_dir_all(&dir)?;
+            let ca_cert = dir.join("ca.pem");
+            if ca_cert.exists() {
+                bail!(
+                    "{} already exists; refusing to overwrite a CA",
+                    ca_cert.display()
+                );
+            }
+            let ca = CertAuthority::generate(&trust_domain, Validity::days(days))?;
+            certs::write_ca_files(&dir, &ca)?;
+            println!(
+                "wrote {} and {}",
+                ca_cert.display(),
+                dir.join("ca-key.pem").display()
+            );
+            Ok(())
+        }
+        CertsCmd::Issue {
+            ca_dir,
+            kind,
+            name,
+            trust_domain,
+            ips,
+            dns,
+            out_dir,
+            stem,
+            days,
+        } => {
+            let ca = CertAuthority::load(&ca_dir.join("ca.pem"), &ca_dir.join("ca-key.pem"))?;
+            let identity = match kind {
+                CertKind::Node => {
+                    Identity::Node(name.parse().context("--name: a node id is a number >= 1")?)
+                }
+                CertKind::Service => Identity::Service(name.clone()),
+                CertKind::Operator => Identity::Operator(name.clone()),
+            };
+            let issued = ca.issue(&IssueRequest {
+                identity,
+                trust_domain,
+                ips,
+                dns,
+                validity: Validity::days(days),
+            })?;
+            std::fs::create_dir_all(&out_dir)?;
+            let kind_name = match kind {
+                CertKind::Node => "node",
+                CertKind::Service => "service",
+                CertKind::Operator => "operator",
+            };
+            let stem = stem.unwrap_or_else(|| format!("{kind_name}-{name}"));
+            let (cert, key) = certs::write_pem_files(&out_dir, &stem, &issued)?;
+            println!("wrote {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+    }
+}
+
+fn connect(a: &ClientArgs) -> anyhow::Result<Client> {
+    let endpoints = vec![a.endpoints.clone()];
+    Ok(Client::new(
+        &endpoints,
+        &a.ca,
+        &a.cert,
+        &a.key,
+        Duration::from_secs(a.timeout),
+    )?)
+}
+
+fn instance_path(service: &str, id: &str) -> String {
+    format!("/v1/services/{service}/instances/{id}")
+}
+
+fn if_match(v: Option<u64>) -> Vec<(&'static str, String)> {
+    v.map(|i| vec![("if-match", i.to_string())])
+        .unwrap_or_default()
+}
+
+fn print(output: Output, body: &Value, text: impl FnOnce() -> String) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(body).unwrap_or_default()),
+        Output::Text => println!("{}", text()),
+    }
+}
+
+async fn register(a: RegisterArgs) -> anyhow::Result<()> {
+    let mut meta = serde_json::Map::new();
+    for kv in &a.meta {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--meta `{kv}`: expected key=value"))?;
+        meta.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    let mut body = json!({"address": a.address, "port": a.port, "tags": a.tags, "meta": meta});
+    if let Some(z) = &a.zone {
+        body["zone"] = json!(z);
+    }
+    if let Some(t) = a.ttl {
+        body["ttl_seconds"] = json!(t);
+    }
+    let mut headers = if_match(a.if_match);
+    if a.create_only {
+        headers.push(("if-none-match", "*".to_string()));
+    }
+    let reply = connect(&a.client)?
+        .request(
+            Method::PUT,
+            &instance_path(&a.service, &a.id),
+            Some(&body),
+            &headers,
+        )
+        .await?;
+    print(a.client.output, &reply.body, || {
+        format!(
+            "registered {}/{} (modify_index {})",
+            a.service, a.id, reply.body["modify_index"]
+        )
+    });
+    Ok(())
+}
+
+async fn query(a: QueryArgs) -> anyhow::Result<()> {
+    let mut params = vec![];
+    if a.healthy {
+        params.push("healthy=true".to_string());
+    }
+    for (k, v) in [("tag", &a.tag), ("zone", &a.zone), ("near", &a.near)] {
+        if let Some(v) = v {
+            params.push(format!("{k}={v}"));
+        }
+    }
+    if a.stale {
+        params.push("consistency=stale".into());
+    }
+    let mut path = format!("/v1/services/{}", a.service);
+    if !params.is_empty() {
+        path = format!("{path}?{}", params.join("&"));
+    }
+    let reply = connect(&a.client)?
+        .request(Method::GET, &path, None, &[])
+        .await?;
+    print(a.client.output, &reply.body, || {
+        let mut out = format!(
+            "{:<24} {:<28} {:<9} {:<10} TAGS",
+            "ID", "ADDRESS", "HEALTH", "ZONE"
+        );
+        for i in reply.body["instances"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "\n{:<24} {:<28} {:<9} {:<10} {}",
+                i["id"].as_str().unwrap_or("?"),
+                format!("{}:{}", i["address"].as_str().unwrap_or("?"), i["port"]),
+                i["health"].as_str().unwrap_or("?"),
+                i["zone"].as_str().unwrap_or("-"),
+                i["tags"]
+                    .as_array()
+                    .map(|t| t
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(","))
+                    .unwrap_or_default()
+            ));
+        }
+        out
+    });
+    Ok(())
+}
+
+async fn cluster_cmd(c: ClusterCmd) -> anyhow::Result<()> {
+    let (client, reply) = match c {
+        ClusterCmd::Status { client } => {
+            let reply = connect(&client)?
+                .request(Method::GET, "/v1/cluster/status", None, &[])
+                .await?;
+            (client, reply)
+        }
+        ClusterCmd::Add {
+            id,
+            api,
+            raft,
+            zone,
+            learner,
+            client,
+        } => {
+            let body = json!({"id": id, "api": api, "raft": raft, "zone": zone, "voter": !learner});
+            let reply = connect(&client)?
+                .request(Method::POST, "/v1/cluster/members", Some(&body), &[])
+                .await?;
+            (client, reply)
+        }
+        ClusterCmd::Remove { id, client } => {
+            let reply = connect(&client)?
+                .request(
+                    Method::DELETE,
+                    &format!("/v1/cluster/members/{id}"),
+                    None,
+                    &[],
+                )
+                .await?;
+            (client, reply)
+        }
+    };
+    let b = &reply.body;
+    print(client.output, b, || {
+        let mut out = format!(
+            "node {} ({}), leader {}, term {}, commit {}, applied {}\n{:<4} {:<22} {:<22} {:<10} {:<8} LAST_CONTACT_MS",
+            b["node_id"], b["state"].as_str().unwrap_or("?"), b["leader"], b["term"], b["commit_index"], b["applied_index"],
+            "ID", "API", "RAFT", "ZONE", "ROLE"
+        );
+        for m in b["members"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "\n{:<4} {:<22} {:<22} {:<10} {:<8} {}",
+                m["id"],
+                m["api"].as_str().unwrap_or("?"),
+                m["raft"].as_str().unwrap_or("?"),
+                m["zone"].as_str().unwrap_or("?"),
+                m["role"].as_str().unwrap_or("?"),
+                m["last_contact_ms"]
+            ));
+        }
+        out
+    });
+    Ok(())
+}

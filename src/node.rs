@@ -1,0 +1,256 @@
+//! node: the composition root. Wires storage, raft, the cluster facade and both listeners for
+//! one node, forms the cluster on first start, and tears everything down in reverse order.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum_server::tls_rustls::RustlsConfig;
+use axum_server::Handle;
+use tokio::sync::watch;
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::crypto::{Keyring, Sealer};
+use crate::raft::{rpc_router, Cluster, ClusterSettings, Member, NetworkFactory, Peers, Raft};
+use crate::storage::{LogStore, StateMachine, Store};
+use crate::tls::{self, TlsFiles};
+
+/// How long in-flight requests get to finish at shutdown.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Listeners bound by the caller (tests may bind port 0); `None` binds the configured addresses.
+#[derive(Default)]
+pub struct Listeners {
+    pub api: Option<TcpListener>,
+    pub raft: Option<TcpListener>,
+}
+
+fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    let l = TcpListener::bind(addr)
+        .with_context(|| format!("cannot bind the {what} listener on {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn raft_config(cfg: &Config) -> anyhow::Result<openraft::Config> {
+    let r = &cfg.raft;
+    let c = openraft::Config {
+        cluster_name: "cairn".into(),
+        heartbeat_interval: r.heartbeat_ms,
+        election_timeout_min: r.election_min_ms,
+        election_timeout_max: r.election_max_ms,
+        // Snapshots travel in one request; the default 200 ms would never let a large one finish.
+        install_snapshot_timeout: 60_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every),
+        max_in_snapshot_log_to_keep: r.max_in_snapshot_log_to_keep,
+        enable_pre_vote: Some(true),
+        ..Default::default()
+    };
+    c.validate().context("raft timing")
+}
+
+/// Runs one node until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tls::install_crypto_provider();
+    let id = cfg.node_id;
+    let span = tracing::info_span!("node", node_id = id);
+    let _enter = span.enter();
+
+    // Storage: refuse to start on data we cannot authenticate.
+    let keyring = Keyring::load(&cfg.keyring).context("keyring")?;
+    let sealer = Sealer::new(keyring);
+    let db_dir = cfg.data_dir.join("db");
+    create_private_dir(&cfg.data_dir)?;
+    let store = Store::open(&db_dir, sealer, id).context("opening the data directory")?;
+    let records = store.verify_all().context("verifying stored records")?;
+    tracing::info!(records, dir = %db_dir.display(), "storage verified");
+    let sm = StateMachine::open(store.clone()).context("loading the newest snapshot")?;
+    let state = sm.shared();
+
+    // TLS: both listeners require client certificates of the cluster CA; the raft listener
+    // admits node identities only. Peer connections bind this node's own address.
+    let files = TlsFiles {
+        ca: cfg.tls.ca.clone(),
+        cert: cfg.tls.cert.clone(),
+        key: cfg.tls.key.clone(),
+    };
+    let api_tls = tls::api_server_config(&files).context("API TLS config")?;
+    let raft_tls = tls::raft_server_config(&files, &cfg.trust_domain).context("raft TLS config")?;
+    let peer_client = tls::peer_client(
+        &files,
+        cfg.listen.raft.ip(),
+        Duration::from_millis(cfg.limits.request_timeout_ms),
+    )
+    .context("peer client")?;
+    let peers = Peers::new(peer_client);
+
+    let raft = Raft::new(
+        id,
+        Arc::new(raft_config(&cfg)?),
+        NetworkFactory::new(peers.clone()),
+        LogStore::new(store),
+        sm,
+    )
+    .await
+    .context("starting raft")?;
+    let cluster = Cluster::new(
+        id,
+        raft.clone(),
+        state,
+        peers.clone(),
+        ClusterSettings {
+            request_timeout: Duration::from_millis(cfg.limits.request_timeout_ms),
+            lease_check_interval: Duration::from_millis(cfg.leases.check_interval_ms),
+            reap_after: Duration::from_secs(cfg.leases.reap_after_seconds),
+        },
+    );
+
+    let raft_listener = match listeners.raft {
+        Some(l) => l,
+        None => bind(cfg.listen.raft, "raft")?,
+    };
+    let api_listener = match listeners.api {
+        Some(l) => l,
+        None => bind(cfg.listen.api, "API")?,
+    };
+    let raft_handle = Handle::new();
+    let api_handle = Handle::new();
+    let raft_server =
+        axum_server::from_tcp_rustls(raft_listener, RustlsConfig::from_config(Arc::new(raft_tls)))?
+            .handle(raft_handle.clone())
+            .serve(rpc_router(cluster.clone()).into_make_service());
+    let api_state = ApiState {
+        cluster: cluster.clone(),
+        trust_domain: cfg.trust_domain.clone(),
+        max_body_bytes: cfg.limits.max_body_bytes,
+        max_wait: Duration::from_secs(cfg.limits.max_wait_seconds),
+    };
+    let api_server =
+        axum_server::from_tcp_rustls(api_listener, RustlsConfig::from_config(Arc::new(api_tls)))?
+            .handle(api_handle.clone())
+            .serve(api::router(api_state).into_make_service());
+    let raft_task = tokio::spawn(raft_server);
+    let api_task = tokio::spawn(api_server);
+    tracing::info!(api = %cfg.listen.api, raft = %cfg.listen.raft, zone = %cfg.zone, "listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let lease_task = tokio::spawn(cluster.clone().run_lease_keeper(stop_rx.clone()));
+    let form_task = tokio::spawn(form_cluster(cfg.clone(), raft.clone(), peers, stop_rx));
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    // Reverse order: stop background work, drain the public API, stop raft, close the raft port.
+    let _ = stop_tx.send(true);
+    let _ = form_task.await;
+    let _ = lease_task.await;
+    api_handle.graceful_shutdown(Some(DRAIN));
+    let _ = api_task.await;
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    raft_handle.graceful_shutdown(Some(Duration::from_secs(1)));
+    let _ = raft_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create data_dir {}", dir.display()))
+}
+
+/// Forms the cluster once: the member with the lowest id initializes it when every initial
+/// member is reachable and none is initialized yet. Never runs on a node that already has
+/// raft state, so a restart never re-initializes.
+async fn form_cluster(cfg: Config, raft: Raft, peers: Peers, mut stop: watch::Receiver<bool>) {
+    match raft.is_initialized().await {
+        Ok(true) => return,
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "raft stopped before formation");
+            return;
+        }
+    }
+    let first = cfg.members.iter().map(|m| m.id).min();
+    if first != Some(cfg.node_id) {
+        tracing::info!("waiting to be contacted by the cluster");
+        return;
+    }
+    let members: BTreeMap<u64, Member> = cfg
+        .members
+        .iter()
+        .map(|m| {
+            (
+                m.id,
+                Member {
+                    api: m.api.to_string(),
+                    raft: m.raft.to_string(),
+                    zone: m.zone.clone(),
+                },
+            )
+        })
+        .collect();
+    let mut announced = false;
+    loop {
+        let mut all_ready = true;
+        for m in cfg.members.iter().filter(|m| m.id != cfg.node_id) {
+            let probe: Result<crate::raft::Probe, _> = peers
+                .call(
+                    &m.raft.to_string(),
+                    "/internal/probe",
+                    &(),
+                    Duration::from_secs(2),
+                )
+                .await;
+            match probe {
+                Ok(p) if p.initialized => {
+                    tracing::info!(
+                        peer = m.id,
+                        "peer already belongs to a cluster; not initializing"
+                    );
+                    return;
+                }
+                Ok(p) if p.node_id != m.id => {
+                    tracing::error!(
+                        peer = m.id,
+                        found = p.node_id,
+                        "peer answers with another node id"
+                    );
+                    all_ready = false;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !announced {
+                        tracing::info!(peer = m.id, error = %e, "waiting for initial members");
+                    }
+                    all_ready = false;
+                }
+            }
+        }
+        if all_ready {
+            match raft.initialize(members.clone()).await {
+                Ok(()) => tracing::info!(members = members.len(), "cluster initialized"),
+                Err(e) => tracing::info!(error = %e, "cluster already initialized"),
+            }
+            return;
+        }
+        announced = true;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,816 @@
+//! The [`Cluster`] facade: what the public API asks of the replicated core. Any node serves any
+//! request — writes and renewals run on the leader (forwarded over the raft listener when this
+//! node is a follower), linearizable reads wait for a ReadIndex confirmed by the leader.
+//!
+//! Every call is bounded by the request timeout: without a quorum the answer is
+//! [`ClusterError::NoQuorum`], never a hang. A write that times out may still commit later (its
+//! outcome is unknown to the caller, as with any consensus system).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::type_config::async_runtime::watch::WatchReceiver;
+use openraft::Instant as _;
+use openraft::{ChangeMembers, ReadPolicy, ServerState};
+use serde::{Deserialize, Serialize};
+
+use super::leases::Leases;
+use super::network::{PeerError, Peers};
+use super::{Member, Raft, Request, Response};
+use crate::registry::{Command, Health, InstanceSpec, LeaseRef, Outcome, Precondition};
+use crate::storage::SharedState;
+
+/// A write as the API receives it; the leader turns it into a [`Command`] stamped with its clock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WriteOp {
+    Register {
+        service: String,
+        id: String,
+        spec: InstanceSpec,
+        precondition: Precondition,
+    },
+    Deregister {
+        service: String,
+        id: String,
+        precondition: Precondition,
+    },
+}
+
+/// The applied result of a write.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteOutcome {
+    pub outcome: Outcome,
+    /// Log index of the entry that carried the write.
+    pub index: u64,
+}
+
+/// The result of a lease renewal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatOutcome {
+    pub ttl_seconds: u32,
+    /// True when the instance was Critical and this renewal revived it (through the log).
+    pub revived: bool,
+}
+
+/// Why the cluster could not answer. Travels between nodes, so it is serializable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ClusterError {
+    /// No leader could confirm the request with a quorum within the request timeout.
+    #[error("no quorum: {reason}")]
+    NoQuorum { reason: String },
+    /// The request may or may not have taken effect, or this node cannot serve it now.
+    #[error("unavailable: {reason}")]
+    Unavailable { reason: String },
+    /// The node asked is not (or no longer) the leader; the caller retries.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// A conflicting operation is in progress (e.g. another membership change).
+    #[error("conflict: {reason}")]
+    Conflict { reason: String },
+}
+
+/// Timing knobs for the facade.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// Upper bound for any request, including the time to find that there is no quorum.
+    pub request_timeout: Duration,
+    pub lease_check_interval: Duration,
+    pub reap_after: Duration,
+}
+
+/// One member in [`ClusterStatus`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub api: String,
+    pub raft: String,
+    pub zone: String,
+    /// `voter` or `learner`.
+    pub role: String,
+    /// Milliseconds since the leader last heard from it (known on the leader, or fetched from it).
+    pub last_contact_ms: Option<u64>,
+    /// Highest log index known replicated to it (leader's view).
+    pub match_index: Option<u64>,
+}
+
+/// `GET /v1/cluster/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node_id: u64,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub state: String,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub snapshot_index: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+/// The leader's view of its followers, served to followers for their status page.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct LeaderView {
+    pub last_contact_ms: BTreeMap<u64, Option<u64>>,
+    pub match_index: BTreeMap<u64, Option<u64>>,
+}
+
+struct Inner {
+    id: u64,
+    raft: Raft,
+    state: SharedState,
+    peers: Peers,
+    leases: Leases,
+    settings: ClusterSettings,
+    /// When this node last received an append-entries from a leader.
+    last_leader_contact: Mutex<Option<Instant>>,
+}
+
+/// Cheap cloneable handle on the node's replicated core.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// How often a node without a known leader re-checks while waiting for an election.
+const LEADER_POLL: Duration = Duration::from_millis(50);
+
+impl Cluster {
+    pub fn new(
+        id: u64,
+        raft: Raft,
+        state: SharedState,
+        peers: Peers,
+        settings: ClusterSettings,
+    ) -> Cluster {
+        Cluster {
+            inner: Arc::new(Inner {
+                id,
+                raft,
+                state,
+                peers,
+                leases: Leases::default(),
+                settings,
+                last_leader_contact: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The applied state (read side).
+    pub fn state(&self) -> &SharedState {
+        &self.inner.state
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.settings.request_timeout
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.inner.settings.request_timeout
+    }
+
+    /// The current leader as this node knows it, with its address.
+    pub fn leader(&self) -> Option<(u64, Member)> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow_watched();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, node))
+    }
+
+    fn leader_term(&self) -> Option<u64> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow_watched();
+        (m.state == ServerState::Leader && m.current_leader == Some(self.inner.id))
+            .then_some(m.current_term)
+    }
+
+    /// Waits (bounded) until some leader is known.
+    async fn leader_by(&self, deadline: Instant) -> Result<(u64, Member), ClusterError> {
+        loop {
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            if Instant::now() + LEADER_POLL > deadline {
+                return Err(ClusterError::NoQuorum {
+                    reason: "no leader elected".into(),
+                });
+            }
+            tokio::time::sleep(LEADER_POLL).await;
+        }
+    }
+
+    /// Records that a leader just reached this node (called by the append-entries handler).
+    pub(crate) fn note_leader_contact(&self) {
+        *self
+            .inner
+            .last_leader_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// How long ago this node heard from the leader: 0 on the leader itself, `None` if never.
+    pub fn last_contact_ms(&self) -> Option<u64> {
+        if self.leader_term().is_some() {
+            return Some(0);
+        }
+        let last = *self
+            .inner
+            .last_leader_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        last.map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    // ---- writes ----
+
+    /// Executes a write on the leader, forwarding it if needed, and returns the applied outcome.
+    pub async fn write(&self, op: WriteOp, caller: &str) -> Result<WriteOutcome, ClusterError> {
+        let deadline = self.deadline();
+        loop {
+            let (leader, node) = self.leader_by(deadline).await?;
+            let res = if leader == self.inner.id {
+                self.write_local(op.clone(), caller, deadline).await
+            } else {
+                let req = Forwarded {
+                    caller: caller.to_string(),
+                    budget_ms: millis(remaining(deadline)),
+                    op: op.clone(),
+                };
+                self.forward(&node, "/internal/write", &req, deadline).await
+            };
+            match res {
+                Err(ClusterError::NotLeader { .. }) if Instant::now() + LEADER_POLL < deadline => {
+                    tokio::time::sleep(LEADER_POLL).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Proposes `op` through this node's raft, which must be the leader. The caller string is
+    /// the authenticated identity (from the TLS layer, or from a forwarding node's request).
+    pub(crate) async fn write_local(
+        &self,
+        op: WriteOp,
+        caller: &str,
+        deadline: Instant,
+    ) -> Result<WriteOutcome, ClusterError> {
+        let now_ms = now_ms();
+        let cmd = match op {
+            WriteOp::Register {
+                service,
+                id,
+                spec,
+                precondition,
+            } => Command::Register {
+                service,
+                id,
+                spec,
+                owner: caller.to_string(),
+                precondition,
+                now_ms,
+            },
+            WriteOp::Deregister {
+                service,
+                id,
+                precondition,
+            } => Command::Deregister {
+                service,
+                id,
+                precondition,
+                now_ms,
+            },
+        };
+        self.propose(cmd, deadline).await
+    }
+
+    async fn propose(&self, cmd: Command, deadline: Instant) -> Result<WriteOutcome, ClusterError> {
+        let fut = self.inner.raft.client_write(Request::Registry(cmd));
+        match tokio::time::timeout(remaining(deadline), fut).await {
+            Err(_) => Err(ClusterError::NoQuorum {
+                reason: "write not committed within the request timeout".into(),
+            }),
+            Ok(Ok(resp)) => match resp.data {
+                Response::Registry(outcome) => Ok(WriteOutcome {
+                    outcome,
+                    index: resp.log_id.index,
+                }),
+                Response::None => Err(ClusterError::Unavailable {
+                    reason: "unexpected empty response".into(),
+                }),
+            },
+            Ok(Err(e)) => Err(write_error(e)),
+        }
+    }
+
+    async fn forward<Req: Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        leader: &Member,
+        path: &str,
+        req: &Req,
+        deadline: Instant,
+    ) -> Result<Resp, ClusterError> {
+        let res: Result<Result<Resp, ClusterError>, PeerError> = self
+            .inner
+            .peers
+            .call(&leader.raft, path, req, remaining(deadline))
+            .await;
+        match res {
+            Ok(r) => r,
+            // Never delivered: safe to retry once the leader is known again.
+            Err(e @ PeerError::Unreachable { .. }) => {
+                tracing::debug!(error = %e, "leader unreachable; waiting for a new leader");
+                Err(ClusterError::NotLeader { leader: None })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, path, "forwarding to the leader failed");
+                Err(ClusterError::Unavailable {
+                    reason: "the leader did not answer; the outcome is unknown".into(),
+                })
+            }
+        }
+    }
+
+    // ---- reads ----
+
+    /// A linearizable read barrier: returns once this node's applied state includes every write
+    /// acknowledged before the call (ReadIndex confirmed by a quorum heartbeat on the leader).
+    pub async fn read_barrier(&self) -> Result<u64, ClusterError> {
+        let deadline = self.deadline();
+        loop {
+            let (leader, node) = self.leader_by(deadline).await?;
+            let res = if leader == self.inner.id {
+                self.read_index_local(deadline).await
+            } else {
+                let budget_ms = millis(remaining(deadline));
+                self.forward(&node, "/internal/read-index", &budget_ms, deadline)
+                    .await
+            };
+            match res {
+                Ok(index) => {
+                    let wait = self.inner.state.wait_applied(index);
+                    return match tokio::time::timeout(remaining(deadline), wait).await {
+                        Ok(()) => Ok(index),
+                        Err(_) => Err(ClusterError::Unavailable {
+                            reason: format!("node is catching up (read index {index})"),
+                        }),
+                    };
+                }
+                Err(ClusterError::NotLeader { .. }) if Instant::now() + LEADER_POLL < deadline => {
+                    tokio::time::sleep(LEADER_POLL).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// On the leader: confirms leadership with a quorum and returns the read index.
+    pub(crate) async fn read_index_local(&self, deadline: Instant) -> Result<u64, ClusterError> {
+        let fut = self.inner.raft.get_read_linearizer(ReadPolicy::ReadIndex);
+        match tokio::time::timeout(remaining(deadline), fut).await {
+            Err(_) => Err(ClusterError::NoQuorum {
+                reason: "leadership not confirmed by a quorum in time".into(),
+            }),
+            Ok(Ok(lin)) => Ok(lin.read_log_id().index()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                Err(ClusterError::NotLeader {
+                    leader: f.leader_id,
+                })
+            }
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e)))) => {
+                Err(ClusterError::NoQuorum {
+                    reason: e.to_string(),
+                })
+            }
+            Ok(Err(e)) => Err(ClusterError::Unavailable {
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    // ---- leases ----
+
+    /// Renews the lease of an instance (on the leader; forwarded otherwise). Not logged unless
+    /// the instance had expired, in which case it is revived through the log.
+    pub async fn heartbeat(
+        &self,
+        service: &str,
+        id: &str,
+        caller: &str,
+    ) -> Result<HeartbeatOutcome, ClusterError> {
+        let deadline = self.deadline();
+        loop {
+            let (leader, node) = self.leader_by(deadline).await?;
+            let res = if leader == self.inner.id {
+                self.heartbeat_local(service, id, deadline).await
+            } else {
+                let req = ForwardedHeartbeat {
+                    caller: caller.to_string(),
+                    budget_ms: millis(remaining(deadline)),
+                    service: service.to_string(),
+                    id: id.to_string(),
+                };
+                self.forward(&node, "/internal/heartbeat", &req, deadline)
+                    .await
+            };
+            match res {
+                Err(ClusterError::NotLeader { .. }) if Instant::now() + LEADER_POLL < deadline => {
+                    tokio::time::sleep(LEADER_POLL).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub(crate) async fn heartbeat_local(
+        &self,
+        service: &str,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<HeartbeatOutcome, ClusterError> {
+        let Some(term) = self.leader_term() else {
+            return Err(ClusterError::NotLeader {
+                leader: self.leader().map(|l| l.0),
+            });
+        };
+        // The leader's applied state holds every acknowledged registration (client_write
+        // returns after apply on the leader), so a lookup here is current.
+        let inst = self
+            .inner
+            .state
+            .read()
+            .registry
+            .instance(service, id)
+            .cloned();
+        let Some(inst) = inst else {
+            return Err(ClusterError::NotFound {
+                what: format!("instance {service}/{id}"),
+            });
+        };
+        let Some(ttl_seconds) = inst.ttl_seconds else {
+            return Err(ClusterError::Invalid {
+                field: "ttl_seconds".into(),
+                message: "instance was registered without a lease; nothing to renew".into(),
+            });
+        };
+        match inst.health {
+            Health::Passing => {
+                self.inner.leases.renew(term, &inst, Instant::now());
+                Ok(HeartbeatOutcome {
+                    ttl_seconds,
+                    revived: false,
+                })
+            }
+            Health::Critical => {
+                let lease = LeaseRef {
+                    service: inst.service,
+                    id: inst.id,
+                    modify_index: inst.modify_index,
+                };
+                let res = self
+                    .propose(
+                        Command::Revive {
+                            lease,
+                            now_ms: now_ms(),
+                        },
+                        deadline,
+                    )
+                    .await?;
+                match res.outcome {
+                    Outcome::Leases { changed: 1 } => Ok(HeartbeatOutcome {
+                        ttl_seconds,
+                        revived: true,
+                    }),
+                    // Changed in between (re-registered or removed): let the client retry.
+                    _ => Err(ClusterError::Conflict {
+                        reason: "instance changed during renewal; retry".into(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Time left on a lease, when this node is the leader tracking it.
+    pub fn lease_remaining(&self, service: &str, id: &str) -> Option<Duration> {
+        self.leader_term()?;
+        self.inner.leases.remaining(service, id, Instant::now())
+    }
+
+    /// The lease keeper: on the leader, proposes expiry for leases past their deadline and
+    /// removal of instances critical for longer than `reap_after`. Runs until `shutdown`.
+    pub async fn run_lease_keeper(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.inner.settings.lease_check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let term = self.leader_term();
+            let due = {
+                let s = self.inner.state.read();
+                self.inner.leases.tick(
+                    term,
+                    &s.registry,
+                    Instant::now(),
+                    now_ms(),
+                    self.inner.settings.reap_after,
+                )
+            };
+            let deadline = self.deadline();
+            if !due.expired.is_empty() {
+                let n = due.expired.len();
+                match self
+                    .propose(
+                        Command::ExpireLeases {
+                            leases: due.expired,
+                            now_ms: now_ms(),
+                        },
+                        deadline,
+                    )
+                    .await
+                {
+                    Ok(_) => tracing::info!(count = n, "leases expired"),
+                    Err(e) => tracing::warn!(error = %e, "lease expiry not committed; will retry"),
+                }
+            }
+            if !due.reap.is_empty() {
+                let n = due.reap.len();
+                match self
+                    .propose(
+                        Command::Reap {
+                            leases: due.reap,
+                            now_ms: now_ms(),
+                        },
+                        deadline,
+                    )
+                    .await
+                {
+                    Ok(_) => tracing::info!(count = n, "expired instances reaped"),
+                    Err(e) => tracing::warn!(error = %e, "reap not committed; will retry"),
+                }
+            }
+        }
+    }
+
+    // ---- membership ----
+
+    /// Adds a node: first as a learner (it catches up), then, if `voter`, promotes it.
+    pub async fn add_member(
+        &self,
+        id: u64,
+        member: Member,
+        voter: bool,
+    ) -> Result<ClusterStatus, ClusterError> {
+        let (leader, node) = self.leader_by(self.deadline()).await?;
+        if leader != self.inner.id {
+            let req = ForwardedMember::Add { id, member, voter };
+            // Catching up may take longer than one request timeout.
+            let deadline = Instant::now() + self.inner.settings.request_timeout * 6;
+            let () = self
+                .forward(&node, "/internal/members", &req, deadline)
+                .await?;
+            return Ok(self.status().await);
+        }
+        self.add_member_local(id, member, voter).await?;
+        Ok(self.status().await)
+    }
+
+    pub(crate) async fn add_member_local(
+        &self,
+        id: u64,
+        member: Member,
+        voter: bool,
+    ) -> Result<(), ClusterError> {
+        let raft = &self.inner.raft;
+        if raft.voter_ids().any(|v| v == id) {
+            return Err(ClusterError::Conflict {
+                reason: format!("node {id} is already a voter"),
+            });
+        }
+        raft.add_learner(id, member, true)
+            .await
+            .map_err(write_error)?;
+        if voter {
+            raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+                .await
+                .map_err(write_error)?;
+        }
+        tracing::info!(node = id, voter, "member added");
+        Ok(())
+    }
+
+    /// Removes a node (voter or learner) from the cluster.
+    pub async fn remove_member(&self, id: u64) -> Result<ClusterStatus, ClusterError> {
+        let (leader, node) = self.leader_by(self.deadline()).await?;
+        if leader != self.inner.id {
+            let () = self
+                .forward(
+                    &node,
+                    "/internal/members",
+                    &ForwardedMember::Remove { id },
+                    self.deadline(),
+                )
+                .await?;
+            return Ok(self.status().await);
+        }
+        self.remove_member_local(id).await?;
+        Ok(self.status().await)
+    }
+
+    pub(crate) async fn remove_member_local(&self, id: u64) -> Result<(), ClusterError> {
+        let raft = &self.inner.raft;
+        let is_voter = raft.voter_ids().any(|v| v == id);
+        let is_learner = raft.learner_ids().any(|v| v == id);
+        if !is_voter && !is_learner {
+            return Err(ClusterError::NotFound {
+                what: format!("member {id}"),
+            });
+        }
+        if is_voter {
+            if raft.voter_ids().count() <= 1 {
+                return Err(ClusterError::Conflict {
+                    reason: "cannot remove the last voter".into(),
+                });
+            }
+            raft.change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+                .await
+                .map_err(write_error)?;
+        }
+        raft.change_membership(ChangeMembers::RemoveNodes([id].into()), false)
+            .await
+            .map_err(write_error)?;
+        tracing::info!(node = id, "member removed");
+        Ok(())
+    }
+
+    // ---- status ----
+
+    pub(crate) fn leader_view(&self) -> Option<LeaderView> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow_watched();
+        let heartbeat = m.heartbeat.as_ref()?;
+        let mut view = LeaderView::default();
+        for (id, at) in heartbeat {
+            let ms = at
+                .as_ref()
+                .map(|t| millis(t.clone().into_inner().elapsed()));
+            view.last_contact_ms
+                .insert(*id, if *id == self.inner.id { Some(0) } else { ms });
+        }
+        if let Some(rep) = m.replication.as_ref() {
+            for (id, matched) in rep {
+                view.match_index
+                    .insert(*id, matched.as_ref().map(|l| l.index));
+            }
+        }
+        Some(view)
+    }
+
+    pub async fn status(&self) -> ClusterStatus {
+        let (mut status, leader_node) = {
+            let m = self.inner.raft.metrics();
+            let m = m.borrow_watched();
+            let membership = m.membership_config.membership();
+            let voters: Vec<u64> = membership.voter_ids().collect();
+            let members = membership
+                .nodes()
+                .map(|(id, n)| MemberStatus {
+                    id: *id,
+                    api: n.api.clone(),
+                    raft: n.raft.clone(),
+                    zone: n.zone.clone(),
+                    role: if voters.contains(id) {
+                        "voter"
+                    } else {
+                        "learner"
+                    }
+                    .to_string(),
+                    last_contact_ms: None,
+                    match_index: None,
+                })
+                .collect();
+            let leader_node = m
+                .current_leader
+                .and_then(|l| membership.get_node(&l).cloned().map(|n| (l, n)));
+            let state = match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            };
+            (
+                ClusterStatus {
+                    node_id: self.inner.id,
+                    state: state.to_string(),
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    commit_index: m.cluster_committed.as_ref().map_or(0, |l| l.index),
+                    applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+                    last_log_index: m.last_log_index.unwrap_or(0),
+                    snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
+                    members,
+                },
+                leader_node,
+            )
+        };
+        let view = match (self.leader_view(), leader_node) {
+            (Some(v), _) => Some(v),
+            (None, Some((_, node))) => {
+                let deadline = Instant::now() + Duration::from_secs(1);
+                self.forward::<_, LeaderView>(&node, "/internal/leader-view", &(), deadline)
+                    .await
+                    .ok()
+            }
+            (None, None) => None,
+        };
+        if let Some(view) = view {
+            for m in &mut status.members {
+                m.last_contact_ms = view.last_contact_ms.get(&m.id).copied().flatten();
+                m.match_index = view.match_index.get(&m.id).copied().flatten();
+            }
+        }
+        status
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn write_error(
+    e: RaftError<super::TypeConfig, ClientWriteError<super::TypeConfig>>,
+) -> ClusterError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader {
+            leader: f.leader_id,
+        },
+        RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)) => ClusterError::Unavailable {
+            reason: "leader changed while the write was in flight; the outcome is unknown".into(),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => ClusterError::Conflict {
+            reason: e.to_string(),
+        },
+        RaftError::APIError(e) => ClusterError::Unavailable {
+            reason: e.to_string(),
+        },
+        RaftError::Fatal(e) => ClusterError::Unavailable {
+            reason: format!("raft stopped: {e}"),
+        },
+    }
+}
+
+/// A write forwarded by a follower: the caller's authenticated identity travels with it, and
+/// the leader accepts it only over the raft listener (node certificates only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Forwarded {
+    pub caller: String,
+    pub budget_ms: u64,
+    pub op: WriteOp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ForwardedHeartbeat {
+    pub caller: String,
+    pub budget_ms: u64,
+    pub service: String,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum ForwardedMember {
+    Add {
+        id: u64,
+        member: Member,
+        voter: bool,
+    },
+    Remove {
+        id: u64,
+    },
+}

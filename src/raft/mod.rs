@@ -1,0 +1,75 @@
+//! raft: the openraft type config, the mTLS peer network, the internal RPC routes, and the
+//! [`Cluster`] facade the API calls (writes, forwarding, read barriers, leases, membership).
+//! Knows nothing of the public HTTP API's routes or status codes.
+
+mod cluster;
+mod leases;
+mod network;
+mod rpc;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::registry::{Command, Outcome};
+
+pub use cluster::{
+    Cluster, ClusterError, ClusterSettings, ClusterStatus, HeartbeatOutcome, MemberStatus, WriteOp,
+    WriteOutcome,
+};
+pub use network::{NetworkFactory, PeerError, Peers};
+pub use rpc::{router as rpc_router, Probe};
+
+openraft::declare_raft_types!(
+    /// cairn's openraft types: registry commands as the application data, [`Member`] as node info.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        Node = Member,
+);
+
+pub type Raft = openraft::Raft<TypeConfig, crate::storage::StateMachine>;
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, std::io::Cursor<Vec<u8>>>;
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
+pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
+
+/// A replicated request: the application data of a log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Registry(Command),
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Request::Registry(c) => write!(f, "registry:{c}"),
+        }
+    }
+}
+
+/// What applying a [`Request`] (or a blank/membership entry) produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    None,
+    Registry(Outcome),
+}
+
+/// A cluster member as openraft stores it in the membership config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Public API address, `ip:port`.
+    pub api: String,
+    /// Internal raft address, `ip:port`.
+    pub raft: String,
+    /// Failure zone.
+    pub zone: String,
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "api={} raft={} zone={}", self.api, self.raft, self.zone)
+    }
+}

@@ -1,0 +1,171 @@
+//! Routes of the internal raft listener. Only node certificates get through its TLS handshake
+//! (see `tls::raft_server_config`), so every caller here is a cluster node: openraft RPCs, and
+//! cairn's forwarded writes, read-index requests, lease renewals and membership changes.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::cluster::{ClusterError, Forwarded, ForwardedHeartbeat, ForwardedMember};
+use super::{Cluster, SnapshotMeta, Vote};
+use crate::storage::{decode, encode};
+
+/// The largest body the raft listener accepts (snapshots travel in one body).
+const MAX_RPC_BODY: usize = 1 << 30;
+
+pub fn router(cluster: Cluster) -> Router {
+    Router::new()
+        .route("/raft/append", post(append))
+        .route("/raft/vote", post(vote))
+        .route("/raft/pre-vote", post(pre_vote))
+        .route("/raft/snapshot", post(snapshot))
+        .route("/raft/transfer-leader", post(transfer_leader))
+        .route("/internal/write", post(write))
+        .route("/internal/read-index", post(read_index))
+        .route("/internal/heartbeat", post(heartbeat))
+        .route("/internal/members", post(members))
+        .route("/internal/leader-view", post(leader_view))
+        .route("/internal/probe", post(probe))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_RPC_BODY))
+        .with_state(cluster)
+}
+
+fn reply<T: Serialize>(value: &T) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        encode(value),
+    )
+        .into_response()
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+    decode(body).map_err(|e| {
+        tracing::warn!(error = %e, "undecodable internal request");
+        (StatusCode::BAD_REQUEST, "undecodable request").into_response()
+    })
+}
+
+fn budget(ms: u64, cluster: &Cluster) -> Instant {
+    Instant::now() + Duration::from_millis(ms).min(cluster.request_timeout())
+}
+
+async fn append(State(c): State<Cluster>, body: Bytes) -> Response {
+    let req = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    c.note_leader_contact();
+    reply(&c.raft().append_entries(req).await)
+}
+
+async fn vote(State(c): State<Cluster>, body: Bytes) -> Response {
+    match parse(&body) {
+        Ok(req) => reply(&c.raft().vote(req).await),
+        Err(e) => e,
+    }
+}
+
+async fn pre_vote(State(c): State<Cluster>, body: Bytes) -> Response {
+    match parse(&body) {
+        Ok(req) => reply(&c.raft().pre_vote(req).await),
+        Err(e) => e,
+    }
+}
+
+async fn snapshot(State(c): State<Cluster>, body: Bytes) -> Response {
+    let (vote, meta, data): (Vote, SnapshotMeta, Vec<u8>) = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    c.note_leader_contact();
+    let snapshot = super::Snapshot {
+        meta,
+        snapshot: std::io::Cursor::new(data),
+    };
+    reply(&c.raft().install_full_snapshot(vote, snapshot).await)
+}
+
+async fn transfer_leader(State(c): State<Cluster>, body: Bytes) -> Response {
+    match parse(&body) {
+        Ok(req) => reply(&c.raft().handle_transfer_leader(req).await),
+        Err(e) => e,
+    }
+}
+
+async fn write(State(c): State<Cluster>, body: Bytes) -> Response {
+    let req: Forwarded = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let deadline = budget(req.budget_ms, &c);
+    if c.leader().map(|l| l.0) != Some(c.id()) {
+        return reply(&Err::<(), _>(ClusterError::NotLeader {
+            leader: c.leader().map(|l| l.0),
+        }));
+    }
+    reply(&c.write_local(req.op, &req.caller, deadline).await)
+}
+
+async fn read_index(State(c): State<Cluster>, body: Bytes) -> Response {
+    let budget_ms: u64 = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    reply(&c.read_index_local(budget(budget_ms, &c)).await)
+}
+
+async fn heartbeat(State(c): State<Cluster>, body: Bytes) -> Response {
+    let req: ForwardedHeartbeat = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let deadline = budget(req.budget_ms, &c);
+    reply(&c.heartbeat_local(&req.service, &req.id, deadline).await)
+}
+
+async fn members(State(c): State<Cluster>, body: Bytes) -> Response {
+    let req: ForwardedMember = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    if c.leader().map(|l| l.0) != Some(c.id()) {
+        return reply(&Err::<(), _>(ClusterError::NotLeader {
+            leader: c.leader().map(|l| l.0),
+        }));
+    }
+    let res = match req {
+        ForwardedMember::Add { id, member, voter } => c.add_member_local(id, member, voter).await,
+        ForwardedMember::Remove { id } => c.remove_member_local(id).await,
+    };
+    reply(&res)
+}
+
+async fn leader_view(State(c): State<Cluster>) -> Response {
+    match c.leader_view() {
+        Some(v) => reply(&v),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "not the leader").into_response(),
+    }
+}
+
+/// Used at cluster formation: is this node up, and has it joined a cluster already?
+async fn probe(State(c): State<Cluster>) -> Response {
+    let initialized = c.raft().is_initialized().await.unwrap_or(false);
+    reply(&Probe {
+        node_id: c.id(),
+        initialized,
+    })
+}
+
+/// Answer of `/internal/probe`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Probe {
+    pub node_id: u64,
+    pub initialized: bool,
+}
