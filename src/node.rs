@@ -71,6 +71,7 @@ pub async fn run(
     let db_dir = cfg.data_dir.join("db");
     create_private_dir(&cfg.data_dir)?;
     let store = Store::open(&db_dir, sealer, id).context("opening the data directory")?;
+    let flush_on_exit = store.clone();
     let records = store.verify_all().context("verifying stored records")?;
     tracing::info!(records, dir = %db_dir.display(), "storage verified");
     let sm = StateMachine::open(store.clone()).context("loading the newest snapshot")?;
@@ -138,29 +139,47 @@ pub async fn run(
         axum_server::from_tcp_rustls(api_listener, RustlsConfig::from_config(Arc::new(api_tls)))?
             .handle(api_handle.clone())
             .serve(api::router(api_state).into_make_service());
-    let raft_task = tokio::spawn(raft_server);
-    let api_task = tokio::spawn(api_server);
+    let mut raft_task = tokio::spawn(raft_server);
+    let mut api_task = tokio::spawn(api_server);
     tracing::info!(api = %cfg.listen.api, raft = %cfg.listen.raft, zone = %cfg.zone, "listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let lease_task = tokio::spawn(cluster.clone().run_lease_keeper(stop_rx.clone()));
     let form_task = tokio::spawn(form_cluster(cfg.clone(), raft.clone(), peers, stop_rx));
 
-    shutdown.await;
-    tracing::info!("shutting down");
+    // A listener that dies takes the node down: a node that cannot serve must not linger.
+    let mut failure = None;
+    tokio::select! {
+        () = shutdown => tracing::info!("shutting down"),
+        r = &mut api_task => failure = Some(format!("API listener stopped: {r:?}")),
+        r = &mut raft_task => failure = Some(format!("raft listener stopped: {r:?}")),
+    }
+    if let Some(f) = &failure {
+        tracing::error!(reason = %f, "shutting down");
+    }
     // Reverse order: stop background work, drain the public API, stop raft, close the raft port.
     let _ = stop_tx.send(true);
     let _ = form_task.await;
     let _ = lease_task.await;
     api_handle.graceful_shutdown(Some(DRAIN));
-    let _ = api_task.await;
+    if !api_task.is_finished() {
+        let _ = api_task.await;
+    }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
     raft_handle.graceful_shutdown(Some(Duration::from_secs(1)));
-    let _ = raft_task.await;
+    if !raft_task.is_finished() {
+        let _ = raft_task.await;
+    }
+    if let Err(e) = flush_on_exit.flush() {
+        tracing::warn!(error = %e, "flushing storage at shutdown");
+    }
     tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(f) => anyhow::bail!(f),
+        None => Ok(()),
+    }
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {

@@ -251,6 +251,27 @@ impl Store {
         Ok(self.db.get_cf(self.cf(cf), key)?)
     }
 
+    /// Flushes memtables to SST files (at clean shutdown, so a restart replays little WAL).
+    pub fn flush(&self) -> Result<(), StorageError> {
+        for cf in [CF_LOGS, CF_META, CF_SNAPSHOTS] {
+            self.db.flush_cf(self.cf(cf))?;
+        }
+        Ok(())
+    }
+
+    /// The index of the last stored log entry (tooling and tests).
+    #[doc(hidden)]
+    pub fn last_log_index(&self) -> Result<Option<u64>, StorageError> {
+        let mut it = self.db.iterator_cf(self.cf(CF_LOGS), IteratorMode::End);
+        match it.next() {
+            Some(item) => {
+                let (key, _) = item?;
+                Ok(key.as_ref().try_into().ok().map(u64::from_be_bytes))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Reads and authenticates every record in the database; used by `cairn` at startup so a
     /// tampered byte stops the node before it serves anything. Returns the record count.
     pub fn verify_all(&self) -> Result<u64, StorageError> {
@@ -276,6 +297,12 @@ impl Store {
 #[doc(hidden)]
 pub fn log_record_key(index: u64) -> (&'static str, [u8; 8]) {
     (CF_LOGS, index.to_be_bytes())
+}
+
+/// Column family and key of the stored snapshot; exposed for tamper tests.
+#[doc(hidden)]
+pub fn snapshot_record_key() -> (&'static str, &'static [u8]) {
+    (CF_SNAPSHOTS, KEY_SNAPSHOT)
 }
 
 /// The fsync thread behind [`LogStore::append`]: one `SyncWAL` covers every batch queued since

@@ -306,14 +306,14 @@ async fn cas_blocking_queries_and_bad_input() {
             "/v1/services/web/instances/w1".into(),
             Some("{\"address\": ".into()),
             400,
-            "body",
+            "address",
         ),
         (
             "unknown field",
             "/v1/services/web/instances/w1".into(),
             Some(r#"{"address":"10.0.0.1","port":80,"colour":"red"}"#.into()),
             400,
-            "body",
+            "colour",
         ),
         (
             "bad address",
@@ -855,12 +855,23 @@ async fn members_can_be_added_as_learners_promoted_and_removed() {
             .map(|m| m["role"].clone())
     };
     assert_eq!(role(&status, 4), Some(json!("learner")));
-    // The learner has the data (stale read on it).
-    let (status_code, body, _) = c
-        .get_json(idx, "/v1/services/early?consistency=stale")
-        .await;
-    assert_eq!(status_code, 200);
-    assert_eq!(body["instances"].as_array().map(Vec::len), Some(1));
+    // The learner catches up: its local (stale) read has the data.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c
+            .client
+            .get(c.url(idx, "/v1/services/early?consistency=stale"))
+            .send()
+            .await;
+        if let Ok(r) = r {
+            let b: Value = r.json().await.unwrap_or(Value::Null);
+            if b["instances"].as_array().map(Vec::len) == Some(1) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "learner never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Promote it.
     let body = json!({"id": 4, "api": c.nodes[idx].api.to_string(), "raft": c.nodes[idx].raft.to_string(), "zone": c.nodes[idx].zone});
     let r = c

@@ -151,6 +151,14 @@ fn remaining(deadline: Instant) -> Duration {
 /// How often a node without a known leader re-checks while waiting for an election.
 const LEADER_POLL: Duration = Duration::from_millis(50);
 
+/// A forwarded request gives the leader this much less time than the caller has left, so the
+/// leader's own answer (e.g. no-quorum) arrives before the forwarding call times out.
+const FORWARD_MARGIN: Duration = Duration::from_millis(300);
+
+fn budget_ms(deadline: Instant) -> u64 {
+    millis(remaining(deadline).saturating_sub(FORWARD_MARGIN))
+}
+
 impl Cluster {
     pub fn new(
         id: u64,
@@ -258,7 +266,7 @@ impl Cluster {
             } else {
                 let req = Forwarded {
                     caller: caller.to_string(),
-                    budget_ms: millis(remaining(deadline)),
+                    budget_ms: budget_ms(deadline),
                     op: op.clone(),
                 };
                 self.forward(&node, "/internal/write", &req, deadline).await
@@ -431,7 +439,7 @@ impl Cluster {
             } else {
                 let req = ForwardedHeartbeat {
                     caller: caller.to_string(),
-                    budget_ms: millis(remaining(deadline)),
+                    budget_ms: budget_ms(deadline),
                     service: service.to_string(),
                     id: id.to_string(),
                 };
@@ -676,6 +684,7 @@ impl Cluster {
         let m = m.borrow_watched();
         let heartbeat = m.heartbeat.as_ref()?;
         let mut view = LeaderView::default();
+        view.last_contact_ms.insert(self.inner.id, Some(0));
         for (id, at) in heartbeat {
             let ms = at
                 .as_ref()

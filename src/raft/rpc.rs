@@ -148,10 +148,8 @@ async fn members(State(c): State<Cluster>, body: Bytes) -> Response {
 }
 
 async fn leader_view(State(c): State<Cluster>) -> Response {
-    match c.leader_view() {
-        Some(v) => reply(&v),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "not the leader").into_response(),
-    }
+    let view = c.leader_view().ok_or(ClusterError::NotLeader { leader: c.leader().map(|l| l.0) });
+    reply(&view)
 }
 
 /// Used at cluster formation: is this node up, and has it joined a cluster already?

@@ -110,18 +110,18 @@ impl TestCluster {
             Identity::Operator("admin".into()),
             vec![],
         );
+        let client = client_for(dir.path(), "admin");
         let mut c = TestCluster {
             dir,
             nodes: vec![],
             ca,
-            client: reqwest::Client::new(),
+            client,
             extra_config: extra.to_string(),
         };
         for i in 1..=n as u64 {
             c.add_node_files(block, i, n);
         }
         c.write_configs(n);
-        c.client = client_for(c.dir.path(), "admin");
         c
     }
 
