@@ -318,6 +318,15 @@ fn invalid(e: IdentityError) -> CertError {
     CertError::InvalidRequest(e.to_string())
 }
 
+/// Writes the CA as `<dir>/ca.pem` and `<dir>/ca-key.pem` (0600), like [`write_pem_files`].
+pub fn write_ca_files(dir: &Path, ca: &CertAuthority) -> Result<(PathBuf, PathBuf), CertError> {
+    let issued = IssuedCert {
+        cert_pem: ca.cert_pem(),
+        key_pem: ca.key_pem(),
+    };
+    write_pem_files(dir, "ca", &issued)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,13 +538,4 @@ mod tests {
         let shown = format!("{cert:?} {ca:?}");
         assert!(!shown.contains("PRIVATE KEY"), "{shown}");
     }
-}
-
-/// Writes the CA as `<dir>/ca.pem` and `<dir>/ca-key.pem` (0600), like [`write_pem_files`].
-pub fn write_ca_files(dir: &Path, ca: &CertAuthority) -> Result<(PathBuf, PathBuf), CertError> {
-    let issued = IssuedCert {
-        cert_pem: ca.cert_pem(),
-        key_pem: ca.key_pem(),
-    };
-    write_pem_files(dir, "ca", &issued)
 }

@@ -337,8 +337,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out.push_str(&format!(
                         "\n{:<32} {:>9} {:>8}",
                         s["name"].as_str().unwrap_or("?"),
-                        s["instances"],
-                        s["passing"]
+                        s["instances"].as_u64().unwrap_or(0),
+                        s["passing"].as_u64().unwrap_or(0)
                     ));
                 }
                 out
@@ -461,10 +461,13 @@ fn if_match(v: Option<u64>) -> Vec<(&'static str, String)> {
 }
 
 fn print(output: Output, body: &Value, text: impl FnOnce() -> String) {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(body).unwrap_or_default()),
-        Output::Text => println!("{}", text()),
-    }
+    use std::io::Write;
+    let out = match output {
+        Output::Json => serde_json::to_string_pretty(body).unwrap_or_default(),
+        Output::Text => text(),
+    };
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = writeln!(std::io::stdout(), "{out}");
 }
 
 async fn register(a: RegisterArgs) -> anyhow::Result<()> {

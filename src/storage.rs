@@ -668,7 +668,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 match entry.payload {
                     EntryPayload::Blank => Response::None,
                     EntryPayload::Normal(Request::Registry(cmd)) => {
-                        Response::Registry(s.registry.apply(entry.log_id.index, &cmd))
+                        Response::Registry(Box::new(s.registry.apply(entry.log_id.index, &cmd)))
                     }
                     EntryPayload::Membership(m) => {
                         s.membership = StoredMembership::new(Some(entry.log_id), m);

@@ -38,19 +38,30 @@ async fn nothing_readable_on_disk_and_a_flipped_byte_stops_the_node() {
     let leader = c.wait_leader(Duration::from_secs(20)).await;
     let follower = c.others(leader)[0];
     let body = json!({"address": ADDRESS, "port": 8443, "meta": {"owner-note": META_VALUE}, "tags": [META_VALUE]});
-    let r = c.put_instance(follower, SERVICE, "zq-1", &body).await.expect("put");
+    let r = c
+        .put_instance(follower, SERVICE, "zq-1", &body)
+        .await
+        .expect("put");
     assert_eq!(r.status(), 201);
     // Enough further writes that snapshots are built (and the service is inside them) and the
     // early log is purged; the distinctive strings then live in the WAL, SSTs and snapshots.
     for k in 0..60 {
         let r = c
-            .put_instance(follower, SERVICE, &format!("zq-{}", k + 2), &json!({"address": ADDRESS, "port": 9000 + k}))
+            .put_instance(
+                follower,
+                SERVICE,
+                &format!("zq-{}", k + 2),
+                &json!({"address": ADDRESS, "port": 9000 + k}),
+            )
             .await
             .expect("put");
         assert!(r.status().is_success());
     }
     let status = c.status(leader).await.expect("status");
-    assert!(status["snapshot_index"].as_u64().unwrap_or(0) > 0, "a snapshot was built: {status}");
+    assert!(
+        status["snapshot_index"].as_u64().unwrap_or(0) > 0,
+        "a snapshot was built: {status}"
+    );
     for i in 0..3 {
         c.stop(i);
     }
@@ -59,13 +70,27 @@ async fn nothing_readable_on_disk_and_a_flipped_byte_stops_the_node() {
     for node in &c.nodes {
         let mut files = vec![];
         files_under(&node.data_dir, &mut files);
-        assert!(files.iter().any(|f| f.extension().is_some_and(|e| e == "log")), "a WAL file exists");
-        assert!(files.iter().any(|f| f.extension().is_some_and(|e| e == "sst")), "an SST file exists");
+        assert!(
+            files
+                .iter()
+                .any(|f| f.extension().is_some_and(|e| e == "log")),
+            "a WAL file exists"
+        );
+        assert!(
+            files
+                .iter()
+                .any(|f| f.extension().is_some_and(|e| e == "sst")),
+            "an SST file exists"
+        );
         for f in &files {
             let bytes = std::fs::read(f).expect("read");
             checked += bytes.len();
             for needle in [SERVICE, META_VALUE, ADDRESS, "owner-note"] {
-                assert!(!contains(&bytes, needle.as_bytes()), "`{needle}` found in clear in {}", f.display());
+                assert!(
+                    !contains(&bytes, needle.as_bytes()),
+                    "`{needle}` found in clear in {}",
+                    f.display()
+                );
             }
         }
     }
@@ -86,26 +111,46 @@ async fn nothing_readable_on_disk_and_a_flipped_byte_stops_the_node() {
         (cf, key, original)
     };
     c.spawn(0);
-    let exit = c.wait_exit(0, Duration::from_secs(20)).expect("node 1 must exit on a tampered record");
+    let exit = c
+        .wait_exit(0, Duration::from_secs(20))
+        .expect("node 1 must exit on a tampered record");
     assert!(!exit.success());
     let log = c.log_text(0);
     let index = u64::from_be_bytes(key);
-    assert!(log.contains(&format!("logs/{index}")), "the error names the record: {log}");
-    assert!(log.contains("authentication failed"), "the error says why: {log}");
+    assert!(
+        log.contains(&format!("logs/{index}")),
+        "the error names the record: {log}"
+    );
+    assert!(
+        log.contains("authentication failed"),
+        "the error says why: {log}"
+    );
 
     // Put it back; then tamper with the stored snapshot instead.
     {
-        let store = Store::open(&db_dir, Sealer::new(Keyring::load(&c.dir.path().join("keyring.json")).expect("k")), 1)
-            .expect("open");
+        let store = Store::open(
+            &db_dir,
+            Sealer::new(Keyring::load(&c.dir.path().join("keyring.json")).expect("k")),
+            1,
+        )
+        .expect("open");
         store.raw_put(cf, &key, &original).expect("restore");
         let (scf, skey) = snapshot_record_key();
-        let mut snap = store.raw_get(scf, skey).expect("raw").expect("snapshot stored");
+        let mut snap = store
+            .raw_get(scf, skey)
+            .expect("raw")
+            .expect("snapshot stored");
         let last = snap.len() - 3;
         snap[last] ^= 0x01;
         store.raw_put(scf, skey, &snap).expect("put");
     }
     c.spawn(0);
-    let exit = c.wait_exit(0, Duration::from_secs(20)).expect("node 1 must exit on a tampered snapshot");
+    let exit = c
+        .wait_exit(0, Duration::from_secs(20))
+        .expect("node 1 must exit on a tampered snapshot");
     assert!(!exit.success());
-    assert!(c.log_text(0).contains("snapshots/current"), "names the snapshot record");
+    assert!(
+        c.log_text(0).contains("snapshots/current"),
+        "names the snapshot record"
+    );
 }

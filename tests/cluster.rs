@@ -129,6 +129,29 @@ async fn follower_writes_are_forwarded_and_reads_are_linearizable_everywhere() {
         members.iter().any(|m| m["last_contact_ms"].is_u64()),
         "leader view of contacts is reported"
     );
+
+    // Deterministic state machine: once every node applied the same index, the digests of
+    // their registries are identical.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut seen = vec![];
+        for idx in 0..3 {
+            let s = c.status(idx).await.expect("status");
+            seen.push((
+                s["digest_index"].as_u64(),
+                s["state_digest"].as_str().map(str::to_string),
+            ));
+        }
+        if seen.iter().all(|x| x == &seen[0]) {
+            assert!(
+                seen[0].1.as_ref().is_some_and(|d| d.len() == 64),
+                "sha-256 hex digest"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas disagree: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,6 +111,10 @@ pub struct ClusterStatus {
     pub applied_index: u64,
     pub last_log_index: u64,
     pub snapshot_index: u64,
+    /// SHA-256 of the encoded registry at `digest_index`: replicas that applied the same log
+    /// report the same digest (the state machine is deterministic).
+    pub state_digest: String,
+    pub digest_index: u64,
     pub members: Vec<MemberStatus>,
 }
 
@@ -325,7 +329,7 @@ impl Cluster {
             }),
             Ok(Ok(resp)) => match resp.data {
                 Response::Registry(outcome) => Ok(WriteOutcome {
-                    outcome,
+                    outcome: *outcome,
                     index: resp.log_id.index,
                 }),
                 Response::None => Err(ClusterError::Unavailable {
@@ -686,9 +690,7 @@ impl Cluster {
         let mut view = LeaderView::default();
         view.last_contact_ms.insert(self.inner.id, Some(0));
         for (id, at) in heartbeat {
-            let ms = at
-                .as_ref()
-                .map(|t| millis(t.clone().into_inner().elapsed()));
+            let ms = at.as_ref().map(|t| millis((*t).into_inner().elapsed()));
             view.last_contact_ms
                 .insert(*id, if *id == self.inner.id { Some(0) } else { ms });
         }
@@ -702,6 +704,15 @@ impl Cluster {
     }
 
     pub async fn status(&self) -> ClusterStatus {
+        let (digest_index, state_digest) = {
+            let s = self.inner.state.read();
+            let bytes = crate::storage::encode(&s.registry);
+            let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+            (
+                s.last_applied.map_or(0, |l| l.index),
+                hex::encode(digest.as_ref()),
+            )
+        };
         let (mut status, leader_node) = {
             let m = self.inner.raft.metrics();
             let m = m.borrow_watched();
@@ -744,6 +755,8 @@ impl Cluster {
                     applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
                     last_log_index: m.last_log_index.unwrap_or(0),
                     snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
+                    state_digest,
+                    digest_index,
                     members,
                 },
                 leader_node,

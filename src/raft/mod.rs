@@ -54,7 +54,7 @@ impl fmt::Display for Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     None,
-    Registry(Outcome),
+    Registry(Box<Outcome>),
 }
 
 /// A cluster member as openraft stores it in the membership config.

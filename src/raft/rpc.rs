@@ -45,10 +45,19 @@ fn reply<T: Serialize>(value: &T) -> Response {
         .into_response()
 }
 
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+/// An internal request that could not be decoded (a version mismatch between nodes, or a bug).
+struct Undecodable;
+
+impl IntoResponse for Undecodable {
+    fn into_response(self) -> Response {
+        (StatusCode::BAD_REQUEST, "undecodable request").into_response()
+    }
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Undecodable> {
     decode(body).map_err(|e| {
         tracing::warn!(error = %e, "undecodable internal request");
-        (StatusCode::BAD_REQUEST, "undecodable request").into_response()
+        Undecodable
     })
 }
 
@@ -59,7 +68,7 @@ fn budget(ms: u64, cluster: &Cluster) -> Instant {
 async fn append(State(c): State<Cluster>, body: Bytes) -> Response {
     let req = match parse(&body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     c.note_leader_contact();
     reply(&c.raft().append_entries(req).await)
@@ -68,21 +77,21 @@ async fn append(State(c): State<Cluster>, body: Bytes) -> Response {
 async fn vote(State(c): State<Cluster>, body: Bytes) -> Response {
     match parse(&body) {
         Ok(req) => reply(&c.raft().vote(req).await),
-        Err(e) => e,
+        Err(e) => e.into_response(),
     }
 }
 
 async fn pre_vote(State(c): State<Cluster>, body: Bytes) -> Response {
     match parse(&body) {
         Ok(req) => reply(&c.raft().pre_vote(req).await),
-        Err(e) => e,
+        Err(e) => e.into_response(),
     }
 }
 
 async fn snapshot(State(c): State<Cluster>, body: Bytes) -> Response {
     let (vote, meta, data): (Vote, SnapshotMeta, Vec<u8>) = match parse(&body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     c.note_leader_contact();
     let snapshot = super::Snapshot {
@@ -95,14 +104,14 @@ async fn snapshot(State(c): State<Cluster>, body: Bytes) -> Response {
 async fn transfer_leader(State(c): State<Cluster>, body: Bytes) -> Response {
     match parse(&body) {
         Ok(req) => reply(&c.raft().handle_transfer_leader(req).await),
-        Err(e) => e,
+        Err(e) => e.into_response(),
     }
 }
 
 async fn write(State(c): State<Cluster>, body: Bytes) -> Response {
     let req: Forwarded = match parse(&body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     let deadline = budget(req.budget_ms, &c);
     if c.leader().map(|l| l.0) != Some(c.id()) {
@@ -116,7 +125,7 @@ async fn write(State(c): State<Cluster>, body: Bytes) -> Response {
 async fn read_index(State(c): State<Cluster>, body: Bytes) -> Response {
     let budget_ms: u64 = match parse(&body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     reply(&c.read_index_local(budget(budget_ms, &c)).await)
 }
@@ -124,7 +133,7 @@ async fn read_index(State(c): State<Cluster>, body: Bytes) -> Response {
 async fn heartbeat(State(c): State<Cluster>, body: Bytes) -> Response {
     let req: ForwardedHeartbeat = match parse(&body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     let deadline = budget(req.budget_ms, &c);
     reply(&c.heartbeat_local(&req.service, &req.id, deadline).await)
@@ -133,7 +142,7 @@ async fn heartbeat(State(c): State<Cluster>, body: Bytes) -> Response {
 async fn members(State(c): State<Cluster>, body: Bytes) -> Response {
     let req: ForwardedMember = match parse(&body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     if c.leader().map(|l| l.0) != Some(c.id()) {
         return reply(&Err::<(), _>(ClusterError::NotLeader {
@@ -148,7 +157,9 @@ async fn members(State(c): State<Cluster>, body: Bytes) -> Response {
 }
 
 async fn leader_view(State(c): State<Cluster>) -> Response {
-    let view = c.leader_view().ok_or(ClusterError::NotLeader { leader: c.leader().map(|l| l.0) });
+    let view = c.leader_view().ok_or(ClusterError::NotLeader {
+        leader: c.leader().map(|l| l.0),
+    });
     reply(&view)
 }
 
