@@ -279,7 +279,7 @@ impl Cluster {
                 Err(ClusterError::NotLeader { .. }) if Instant::now() + LEADER_POLL < deadline => {
                     tokio::time::sleep(LEADER_POLL).await;
                 }
-                other => return other,
+                other => return settle(other),
             }
         }
     }
@@ -396,7 +396,7 @@ impl Cluster {
                 Err(ClusterError::NotLeader { .. }) if Instant::now() + LEADER_POLL < deadline => {
                     tokio::time::sleep(LEADER_POLL).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return settle(Err(e)),
             }
         }
     }
@@ -454,7 +454,7 @@ impl Cluster {
                 Err(ClusterError::NotLeader { .. }) if Instant::now() + LEADER_POLL < deadline => {
                     tokio::time::sleep(LEADER_POLL).await;
                 }
-                other => return other,
+                other => return settle(other),
             }
         }
     }
@@ -779,6 +779,20 @@ impl Cluster {
             }
         }
         status
+    }
+}
+
+/// The final answer of a retry loop: still having no reachable leader when time runs out
+/// means no quorum (a `NotLeader` request was never applied, so the outcome is known).
+fn settle<T>(r: Result<T, ClusterError>) -> Result<T, ClusterError> {
+    match r {
+        Err(ClusterError::NotLeader { leader }) => Err(ClusterError::NoQuorum {
+            reason: match leader {
+                Some(id) => format!("leader {id} did not answer in time"),
+                None => "no reachable leader".into(),
+            },
+        }),
+        other => other,
     }
 }
 
