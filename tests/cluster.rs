@@ -532,7 +532,10 @@ async fn leader_kill_loses_no_acknowledged_write_and_restarts_keep_everything() 
     let client = c.client.clone();
     let urls: Vec<String> = c_arc_nodes.iter().map(|&i| c.url(i, "")).collect();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let acked = Arc::new(std::sync::Mutex::new(Vec::<(String, Instant)>::new()));
+    // (id, sent at, acknowledged at)
+    let acked = Arc::new(std::sync::Mutex::new(
+        Vec::<(String, Instant, Instant)>::new(),
+    ));
     let mut writers = vec![];
     for w in 0..6 {
         let (client, urls, stop, acked) =
@@ -546,18 +549,18 @@ async fn leader_kill_loses_no_acknowledged_write_and_restarts_keep_everything() 
                     "{}/v1/services/load/instances/{id}",
                     urls[(w + n) % urls.len()]
                 );
+                let sent = Instant::now();
                 let res = client
                     .put(url)
                     .json(&instance("10.9.9.9", 9000))
                     .timeout(Duration::from_secs(6))
                     .send()
                     .await;
-                if let Ok(r) = res {
-                    if r.status().is_success() {
-                        acked.lock().expect("lock").push((id, Instant::now()));
+                match res {
+                    Ok(r) if r.status().is_success() => {
+                        acked.lock().expect("lock").push((id, sent, Instant::now()));
                     }
-                } else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
         }));
@@ -572,16 +575,18 @@ async fn leader_kill_loses_no_acknowledged_write_and_restarts_keep_everything() 
     c.kill(leader);
     let new_leader = c.wait_leader(Duration::from_secs(20)).await;
     assert_ne!(new_leader, leader);
-    // First acknowledged write after the kill.
+    // First acknowledged write among those sent after the kill.
     let deadline = Instant::now() + Duration::from_secs(20);
     let first_after = loop {
-        if let Some((_, t)) = acked
+        let first = acked
             .lock()
             .expect("lock")
             .iter()
-            .find(|(_, t)| *t > killed_at)
-        {
-            break *t - killed_at;
+            .filter(|(_, sent, _)| *sent > killed_at)
+            .map(|(_, _, at)| *at)
+            .min();
+        if let Some(t) = first {
+            break t - killed_at;
         }
         assert!(
             Instant::now() < deadline,
@@ -590,7 +595,7 @@ async fn leader_kill_loses_no_acknowledged_write_and_restarts_keep_everything() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     println!(
-        "leader kill: first successful write {first_after:?} after kill -9 of node {}",
+        "leader kill: first write sent after kill -9 of node {} acknowledged {first_after:?} after the kill",
         leader + 1
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -602,7 +607,7 @@ async fn leader_kill_loses_no_acknowledged_write_and_restarts_keep_everything() 
         .lock()
         .expect("lock")
         .iter()
-        .map(|(id, _)| id.clone())
+        .map(|(id, _, _)| id.clone())
         .collect();
     println!(
         "acknowledged writes: {} ({} before the kill)",
