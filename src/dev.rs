@@ -137,6 +137,8 @@ impl Drop for Nodes {
 
 /// Runs the dev cluster until Ctrl-C or SIGTERM.
 pub async fn run(n: usize, dir: Option<PathBuf>) -> anyhow::Result<()> {
+    // Without --dir everything is throwaway: removed again when the cluster stops.
+    let throwaway = dir.is_none();
     let dir = match dir {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("cairn-dev-{}", std::process::id())),
@@ -206,6 +208,10 @@ pub async fn run(n: usize, dir: Option<PathBuf>) -> anyhow::Result<()> {
     wait_stop(&mut nodes).await;
     println!("stopping");
     nodes.stop();
+    if throwaway {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        println!("removed {}", dir.display());
+    }
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use anyhow::Context;
 use axum_server::tls_rustls::RustlsConfig;
 use axum_server::Handle;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
@@ -60,10 +61,17 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let span = tracing::info_span!("node", node_id = cfg.node_id);
+    serve(cfg, listeners, shutdown).instrument(span).await
+}
+
+async fn serve(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     tls::install_crypto_provider();
     let id = cfg.node_id;
-    let span = tracing::info_span!("node", node_id = id);
-    let _enter = span.enter();
 
     // Storage: refuse to start on data we cannot authenticate.
     let keyring = Keyring::load(&cfg.keyring).context("keyring")?;

@@ -324,7 +324,7 @@ fn client_error(e: reqwest::Error) -> TlsError {
 }
 
 /// `reqwest::Error`'s own message is terse ("builder error"); the cause is in its sources.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

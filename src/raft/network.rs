@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use super::{Member, Snapshot, TypeConfig, Vote};
 use crate::storage::{decode, encode};
+use crate::tls::error_chain;
 
 /// Why a call to a peer failed. `Unreachable` means the request was never delivered (safe to
 /// retry anything); the others leave its effect unknown.
@@ -96,17 +97,6 @@ impl Peers {
             reason,
         })
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// Builds openraft's per-target clients on top of [`Peers`].
