@@ -216,6 +216,7 @@ pub fn router(state: ApiState) -> Router {
             "/v1/cluster/members/{id}",
             axum::routing::delete(remove_member),
         )
+        .route("/v1/cluster/transfer-leader", post(transfer_leader))
         .route("/v1/health/live", get(live))
         .route("/v1/health/ready", get(ready))
         .fallback(|| async {
@@ -703,6 +704,18 @@ async fn remove_member(State(s): State<ApiState>, Path(id): Path<String>) -> Api
         message: format!("`{id}` is not a node id"),
     })?;
     Ok(Json(s.cluster.remove_member(id).await?).into_response())
+}
+
+/// Body of `POST /v1/cluster/transfer-leader`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferLeader {
+    to: u64,
+}
+
+async fn transfer_leader(State(s): State<ApiState>, body: Body) -> ApiResult<Response> {
+    let t: TransferLeader = read_json(body, s.max_body_bytes).await?;
+    Ok(Json(s.cluster.transfer_leader(t.to).await?).into_response())
 }
 
 async fn live() -> Response {

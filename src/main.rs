@@ -249,6 +249,12 @@ enum ClusterCmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Hand leadership to another voter.
+    TransferLeader {
+        to: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Remove a node.
     Remove {
         id: u64,
@@ -572,6 +578,18 @@ async fn cluster_cmd(c: ClusterCmd) -> anyhow::Result<()> {
             let body = json!({"id": id, "api": api, "raft": raft, "zone": zone, "voter": !learner});
             let reply = connect(&client)?
                 .request(Method::POST, "/v1/cluster/members", Some(&body), &[])
+                .await?;
+            (client, reply)
+        }
+        ClusterCmd::TransferLeader { to, client } => {
+            let body = json!({ "to": to });
+            let reply = connect(&client)?
+                .request(
+                    Method::POST,
+                    "/v1/cluster/transfer-leader",
+                    Some(&body),
+                    &[],
+                )
                 .await?;
             (client, reply)
         }

@@ -921,6 +921,24 @@ async fn members_can_be_added_as_learners_promoted_and_removed() {
     // The new voter serves linearizable reads.
     let (code, _, _) = c.get_json(idx, "/v1/services/early").await;
     assert_eq!(code, 200);
+    // Hand leadership to the new voter through a follower, then remove it (a leader removal).
+    let r = c
+        .client
+        .post(c.url(1, "/v1/cluster/transfer-leader"))
+        .json(&json!({"to": 4}))
+        .send()
+        .await
+        .expect("transfer");
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert_eq!(c.status(0).await.expect("status")["leader"], 4);
+    let r = c
+        .client
+        .post(c.url(1, "/v1/cluster/transfer-leader"))
+        .json(&json!({"to": 9}))
+        .send()
+        .await
+        .expect("transfer");
+    assert_eq!(r.status(), 404, "unknown voter");
     // Remove it again.
     let r = c
         .client

@@ -670,14 +670,66 @@ impl Cluster {
                     reason: "cannot remove the last voter".into(),
                 });
             }
+            // `retain = false` drops the node entirely in the same change; a second change
+            // is not possible when the node removed is this leader (it steps down).
             raft.change_membership(ChangeMembers::RemoveVoters([id].into()), false)
                 .await
                 .map_err(write_error)?;
+        } else {
+            raft.change_membership(ChangeMembers::RemoveNodes([id].into()), false)
+                .await
+                .map_err(write_error)?;
         }
-        raft.change_membership(ChangeMembers::RemoveNodes([id].into()), false)
-            .await
-            .map_err(write_error)?;
         tracing::info!(node = id, "member removed");
+        Ok(())
+    }
+
+    /// Hands leadership to voter `to` and waits (bounded) until it has taken over.
+    pub async fn transfer_leader(&self, to: u64) -> Result<ClusterStatus, ClusterError> {
+        let deadline = self.deadline();
+        let (leader, node) = self.leader_by(deadline).await?;
+        if leader != self.inner.id {
+            let () = self
+                .forward(
+                    &node,
+                    "/internal/members",
+                    &ForwardedMember::TransferLeader { to },
+                    deadline,
+                )
+                .await?;
+        } else {
+            self.transfer_leader_local(to).await?;
+        }
+        loop {
+            if self.leader().map(|l| l.0) == Some(to) {
+                return Ok(self.status().await);
+            }
+            if Instant::now() + LEADER_POLL > deadline {
+                return Err(ClusterError::Unavailable {
+                    reason: format!("node {to} did not take over within the request timeout"),
+                });
+            }
+            tokio::time::sleep(LEADER_POLL).await;
+        }
+    }
+
+    pub(crate) async fn transfer_leader_local(&self, to: u64) -> Result<(), ClusterError> {
+        let raft = &self.inner.raft;
+        if !raft.voter_ids().any(|v| v == to) {
+            return Err(ClusterError::NotFound {
+                what: format!("voter {to}"),
+            });
+        }
+        if to == self.inner.id {
+            return Ok(());
+        }
+        raft.trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| ClusterError::Unavailable {
+                reason: format!("raft stopped: {e}"),
+            })?;
+        tracing::info!(to, "leadership transfer requested");
         Ok(())
     }
 
@@ -848,5 +900,8 @@ pub(crate) enum ForwardedMember {
     },
     Remove {
         id: u64,
+    },
+    TransferLeader {
+        to: u64,
     },
 }

@@ -152,6 +152,7 @@ async fn members(State(c): State<Cluster>, body: Bytes) -> Response {
     let res = match req {
         ForwardedMember::Add { id, member, voter } => c.add_member_local(id, member, voter).await,
         ForwardedMember::Remove { id } => c.remove_member_local(id).await,
+        ForwardedMember::TransferLeader { to } => c.transfer_leader_local(to).await,
     };
     reply(&res)
 }

@@ -365,6 +365,9 @@ impl Drop for TestCluster {
             for i in 0..self.nodes.len() {
                 eprintln!("---- node {} log (tail) ----", i + 1);
                 let text = self.log_text(i);
+                for line in text.lines().filter(|l| l.contains("panicked at")) {
+                    eprintln!("PANIC in node {}: {line}", i + 1);
+                }
                 let tail: Vec<&str> = text.lines().rev().take(60).collect();
                 for line in tail.into_iter().rev() {
                     eprintln!("{line}");
