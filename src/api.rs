@@ -736,6 +736,93 @@ async fn ready(State(s): State<ApiState>) -> ApiResult<Response> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn every_error_maps_to_its_documented_status_and_type() {
+        let cases = [
+            (
+                ApiError::Invalid {
+                    field: "port".into(),
+                    message: "bad".into(),
+                },
+                400,
+                "invalid-request",
+            ),
+            (
+                ApiError::PayloadTooLarge { limit: 10 },
+                413,
+                "invalid-request",
+            ),
+            (
+                ApiError::Unauthenticated {
+                    reason: "no cert".into(),
+                },
+                401,
+                "unauthenticated",
+            ),
+            (
+                ApiError::NotFound {
+                    what: "instance".into(),
+                },
+                404,
+                "not-found",
+            ),
+            (ApiError::MethodNotAllowed, 405, "invalid-request"),
+            (
+                ApiError::PreconditionFailed {
+                    detail: "x".into(),
+                    current_index: Some(3),
+                },
+                412,
+                "precondition-failed",
+            ),
+            (ApiError::Conflict { reason: "x".into() }, 409, "conflict"),
+            (ApiError::NoQuorum { reason: "x".into() }, 503, "no-quorum"),
+            (
+                ApiError::Unavailable { reason: "x".into() },
+                503,
+                "unavailable",
+            ),
+        ];
+        for (err, status, kind) in cases {
+            let resp = err.into_response();
+            assert_eq!(resp.status().as_u16(), status, "{kind}");
+            let h = resp.headers();
+            assert_eq!(
+                h.get(header::CONTENT_TYPE).map(|v| v.as_bytes()),
+                Some(&b"application/problem+json"[..])
+            );
+            assert_eq!(
+                h.contains_key(header::RETRY_AFTER),
+                status == 503,
+                "Retry-After only on 503"
+            );
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .expect("body");
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            assert_eq!(v["type"], kind);
+            assert_eq!(v["status"], status);
+            assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()));
+        }
+    }
+
+    #[test]
+    fn cluster_errors_keep_their_meaning() {
+        let e: ApiError = ClusterError::NoQuorum { reason: "r".into() }.into();
+        assert!(matches!(e, ApiError::NoQuorum { .. }));
+        let e: ApiError = ClusterError::NotLeader { leader: Some(2) }.into();
+        assert!(
+            matches!(e, ApiError::Unavailable { .. }),
+            "never a 4xx: the client may retry"
+        );
+        let e: ApiError = ClusterError::Invalid {
+            field: "ttl_seconds".into(),
+            message: "m".into(),
+        }
+        .into();
+        assert!(matches!(e, ApiError::Invalid { field, .. } if field == "ttl_seconds"));
+    }
+
     #[test]
     fn wait_durations_parse_and_cap() {
         let max = Duration::from_secs(300);

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum_server::tls_rustls::RustlsConfig;
+use axum_server::accept::NoDelayAcceptor;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use axum_server::Handle;
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -133,20 +134,18 @@ async fn serve(
     };
     let raft_handle = Handle::new();
     let api_handle = Handle::new();
-    let raft_server =
-        axum_server::from_tcp_rustls(raft_listener, RustlsConfig::from_config(Arc::new(raft_tls)))?
-            .handle(raft_handle.clone())
-            .serve(rpc_router(cluster.clone()).into_make_service());
+    let raft_server = tls_server(raft_listener, raft_tls)?
+        .handle(raft_handle.clone())
+        .serve(rpc_router(cluster.clone()).into_make_service());
     let api_state = ApiState {
         cluster: cluster.clone(),
         trust_domain: cfg.trust_domain.clone(),
         max_body_bytes: cfg.limits.max_body_bytes,
         max_wait: Duration::from_secs(cfg.limits.max_wait_seconds),
     };
-    let api_server =
-        axum_server::from_tcp_rustls(api_listener, RustlsConfig::from_config(Arc::new(api_tls)))?
-            .handle(api_handle.clone())
-            .serve(api::router(api_state).into_make_service());
+    let api_server = tls_server(api_listener, api_tls)?
+        .handle(api_handle.clone())
+        .serve(api::router(api_state).into_make_service());
     let mut raft_task = tokio::spawn(raft_server);
     let mut api_task = tokio::spawn(api_server);
     tracing::info!(api = %cfg.listen.api, raft = %cfg.listen.raft, zone = %cfg.zone, "listening");
@@ -188,6 +187,17 @@ async fn serve(
         Some(f) => anyhow::bail!(f),
         None => Ok(()),
     }
+}
+
+/// An HTTPS server on `listener` with `TCP_NODELAY` on every accepted connection: small
+/// HTTP/2 frames (raft RPCs, quorum acks) must not wait for Nagle and delayed ACKs.
+fn tls_server(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+) -> std::io::Result<axum_server::Server<std::net::SocketAddr, RustlsAcceptor<NoDelayAcceptor>>> {
+    let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(Arc::new(config)))
+        .acceptor(NoDelayAcceptor::new());
+    Ok(axum_server::from_tcp(listener)?.acceptor(acceptor))
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
