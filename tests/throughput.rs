@@ -63,11 +63,13 @@ async fn write_and_read_throughput_by_concurrency() {
     let leader = c.wait_leader(Duration::from_secs(20)).await;
     let follower = c.others(leader)[0];
     let c = Arc::new(c);
+    let wl = run(&c, leader, 1, 200, Op::Write).await;
     let w1 = run(&c, follower, 1, 200, Op::Write).await;
     let w64 = run(&c, follower, 64, 50, Op::Write).await;
     let r1 = run(&c, follower, 1, 200, Op::Read).await;
     let r64 = run(&c, follower, 64, 50, Op::Read).await;
     let s1 = run(&c, follower, 1, 200, Op::StaleRead).await;
+    println!("writes on the leader:  1 client {wl:.0}/s");
     println!(
         "writes via a follower:  1 client {w1:.0}/s, 64 clients {w64:.0}/s (x{:.1})",
         w64 / w1
