@@ -307,18 +307,37 @@ pub fn snapshot_record_key() -> (&'static str, &'static [u8]) {
 
 /// The fsync thread behind [`LogStore::append`]: one `SyncWAL` covers every batch queued since
 /// the previous one, and completions are reported in submission order.
+///
+/// The last [`LogStore`] clone to go joins the thread, so the database is never closed (or the
+/// process torn down) while a sync is still running on it.
 #[derive(Clone)]
 struct Syncer {
-    tx: mpsc::Sender<IOFlushed<TypeConfig>>,
+    inner: Arc<SyncerThread>,
+}
+
+struct SyncerThread {
+    tx: Option<mpsc::Sender<IOFlushed<TypeConfig>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SyncerThread {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop once it has reported what was queued.
+        drop(self.tx.take());
+        if let Some(h) = self.handle.take() {
+            if h.join().is_err() {
+                tracing::error!("wal sync thread panicked");
+            }
+        }
+    }
 }
 
 impl Syncer {
     fn start(db: Arc<DB>) -> Syncer {
         let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("cairn-wal-sync".into())
             .spawn(move || {
-                // Ends when every LogStore clone (and so every sender) is dropped.
                 while let Ok(first) = rx.recv() {
                     let mut pending = vec![first];
                     pending.extend(rx.try_iter());
@@ -336,7 +355,22 @@ impl Syncer {
                 }
             })
             .expect("spawn wal sync thread");
-        Syncer { tx }
+        Syncer {
+            inner: Arc::new(SyncerThread {
+                tx: Some(tx),
+                handle: Some(handle),
+            }),
+        }
+    }
+
+    fn submit(&self, callback: IOFlushed<TypeConfig>) {
+        let sent = match &self.inner.tx {
+            Some(tx) => tx.send(callback).map_err(|mpsc::SendError(cb)| cb),
+            None => Err(callback),
+        };
+        if let Err(callback) = sent {
+            callback.io_completed(Err(io::Error::other("wal sync thread stopped")));
+        }
     }
 }
 
@@ -469,9 +503,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // Readable as soon as this returns; durable once the syncer reports it.
         self.store.write(batch, false)?;
-        if let Err(mpsc::SendError(callback)) = self.syncer.tx.send(callback) {
-            callback.io_completed(Err(io::Error::other("wal sync thread stopped")));
-        }
+        self.syncer.submit(callback);
         Ok(())
     }
 
