@@ -599,21 +599,41 @@ impl Cluster {
         member: Member,
         voter: bool,
     ) -> Result<ClusterStatus, ClusterError> {
-        let (leader, node) = self.leader_by(self.deadline()).await?;
-        if leader != self.inner.id {
-            let req = ForwardedMember::Add { id, member, voter };
-            // Catching up may take longer than one request timeout.
-            let deadline = Instant::now() + self.inner.settings.request_timeout * 6;
-            let () = self
-                .forward(&node, "/internal/members", &req, deadline)
-                .await?;
-            return Ok(self.status().await);
-        }
-        self.add_member_local(id, member, voter).await?;
+        // Catching up a new node may take longer than one request timeout.
+        let deadline = Instant::now() + self.inner.settings.request_timeout * 6;
+        self.membership(ForwardedMember::Add { id, member, voter }, deadline)
+            .await?;
         Ok(self.status().await)
     }
 
-    pub(crate) async fn add_member_local(
+    /// Runs a membership operation on the leader: here, or forwarded to it.
+    async fn membership(&self, op: ForwardedMember, deadline: Instant) -> Result<(), ClusterError> {
+        let (leader, node) = self.leader_by(deadline).await?;
+        if leader == self.inner.id {
+            self.membership_local(op).await
+        } else {
+            self.forward(&node, "/internal/members", &op, deadline)
+                .await
+        }
+    }
+
+    /// A membership operation on this node, which must be the leader.
+    pub(crate) async fn membership_local(&self, op: ForwardedMember) -> Result<(), ClusterError> {
+        if self.leader_term().is_none() {
+            return Err(ClusterError::NotLeader {
+                leader: self.leader().map(|l| l.0),
+            });
+        }
+        match op {
+            ForwardedMember::Add { id, member, voter } => {
+                self.add_member_local(id, member, voter).await
+            }
+            ForwardedMember::Remove { id } => self.remove_member_local(id).await,
+            ForwardedMember::TransferLeader { to } => self.transfer_leader_local(to).await,
+        }
+    }
+
+    async fn add_member_local(
         &self,
         id: u64,
         member: Member,
@@ -639,23 +659,12 @@ impl Cluster {
 
     /// Removes a node (voter or learner) from the cluster.
     pub async fn remove_member(&self, id: u64) -> Result<ClusterStatus, ClusterError> {
-        let (leader, node) = self.leader_by(self.deadline()).await?;
-        if leader != self.inner.id {
-            let () = self
-                .forward(
-                    &node,
-                    "/internal/members",
-                    &ForwardedMember::Remove { id },
-                    self.deadline(),
-                )
-                .await?;
-            return Ok(self.status().await);
-        }
-        self.remove_member_local(id).await?;
+        self.membership(ForwardedMember::Remove { id }, self.deadline())
+            .await?;
         Ok(self.status().await)
     }
 
-    pub(crate) async fn remove_member_local(&self, id: u64) -> Result<(), ClusterError> {
+    async fn remove_member_local(&self, id: u64) -> Result<(), ClusterError> {
         let raft = &self.inner.raft;
         let is_voter = raft.voter_ids().any(|v| v == id);
         let is_learner = raft.learner_ids().any(|v| v == id);
@@ -687,19 +696,8 @@ impl Cluster {
     /// Hands leadership to voter `to` and waits (bounded) until it has taken over.
     pub async fn transfer_leader(&self, to: u64) -> Result<ClusterStatus, ClusterError> {
         let deadline = self.deadline();
-        let (leader, node) = self.leader_by(deadline).await?;
-        if leader != self.inner.id {
-            let () = self
-                .forward(
-                    &node,
-                    "/internal/members",
-                    &ForwardedMember::TransferLeader { to },
-                    deadline,
-                )
-                .await?;
-        } else {
-            self.transfer_leader_local(to).await?;
-        }
+        self.membership(ForwardedMember::TransferLeader { to }, deadline)
+            .await?;
         loop {
             if self.leader().map(|l| l.0) == Some(to) {
                 return Ok(self.status().await);
@@ -713,7 +711,7 @@ impl Cluster {
         }
     }
 
-    pub(crate) async fn transfer_leader_local(&self, to: u64) -> Result<(), ClusterError> {
+    async fn transfer_leader_local(&self, to: u64) -> Result<(), ClusterError> {
         let raft = &self.inner.raft;
         if !raft.voter_ids().any(|v| v == to) {
             return Err(ClusterError::NotFound {

@@ -140,21 +140,10 @@ async fn heartbeat(State(c): State<Cluster>, body: Bytes) -> Response {
 }
 
 async fn members(State(c): State<Cluster>, body: Bytes) -> Response {
-    let req: ForwardedMember = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    if c.leader().map(|l| l.0) != Some(c.id()) {
-        return reply(&Err::<(), _>(ClusterError::NotLeader {
-            leader: c.leader().map(|l| l.0),
-        }));
+    match parse::<ForwardedMember>(&body) {
+        Ok(op) => reply(&c.membership_local(op).await),
+        Err(e) => e.into_response(),
     }
-    let res = match req {
-        ForwardedMember::Add { id, member, voter } => c.add_member_local(id, member, voter).await,
-        ForwardedMember::Remove { id } => c.remove_member_local(id).await,
-        ForwardedMember::TransferLeader { to } => c.transfer_leader_local(to).await,
-    };
-    reply(&res)
 }
 
 async fn leader_view(State(c): State<Cluster>) -> Response {
