@@ -612,8 +612,10 @@ impl Cluster {
         if leader == self.inner.id {
             self.membership_local(op).await
         } else {
-            self.forward(&node, "/internal/members", &op, deadline)
-                .await
+            settle(
+                self.forward(&node, "/internal/members", &op, deadline)
+                    .await,
+            )
         }
     }
 
