@@ -958,4 +958,32 @@ async fn members_can_be_added_as_learners_promoted_and_removed() {
         r.status().is_success(),
         "cluster keeps writing after the removal"
     );
+
+    // A learner can be removed too (it never becomes a voter).
+    let idx5 = c.prepare_extra_node();
+    c.spawn(idx5);
+    let n5 = &c.nodes[idx5];
+    let body = json!({"id": n5.id, "api": n5.api.to_string(), "raft": n5.raft.to_string(), "zone": n5.zone, "voter": false});
+    let r = c
+        .client
+        .post(c.url(0, "/v1/cluster/members"))
+        .json(&body)
+        .send()
+        .await
+        .expect("add");
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert_eq!(
+        role(&c.status(0).await.expect("status"), n5.id),
+        Some(json!("learner"))
+    );
+    let r = c
+        .client
+        .delete(c.url(1, &format!("/v1/cluster/members/{}", c.nodes[idx5].id)))
+        .send()
+        .await
+        .expect("remove learner");
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let status = c.status(0).await.expect("status");
+    assert_eq!(role(&status, c.nodes[idx5].id), None);
+    assert_eq!(status["members"].as_array().map(Vec::len), Some(3));
 }
