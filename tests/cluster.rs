@@ -869,16 +869,8 @@ async fn members_can_be_added_as_learners_promoted_and_removed() {
         .expect("put");
     let idx = c.prepare_extra_node();
     c.spawn(idx);
-    let n = &c.nodes[idx];
-    let body = json!({"id": n.id, "api": n.api.to_string(), "raft": n.raft.to_string(), "zone": n.zone, "voter": false});
-    let r = c
-        .client
-        .post(c.url(1, "/v1/cluster/members"))
-        .json(&body)
-        .send()
-        .await
-        .expect("add");
-    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let (code, text) = c.add_member(1, idx, false).await;
+    assert_eq!(code, 200, "{text}");
     let status = c.status(0).await.expect("status");
     let role = |s: &Value, id: u64| {
         s["members"]
@@ -907,15 +899,8 @@ async fn members_can_be_added_as_learners_promoted_and_removed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Promote it.
-    let body = json!({"id": 4, "api": c.nodes[idx].api.to_string(), "raft": c.nodes[idx].raft.to_string(), "zone": c.nodes[idx].zone});
-    let r = c
-        .client
-        .post(c.url(2, "/v1/cluster/members"))
-        .json(&body)
-        .send()
-        .await
-        .expect("promote");
-    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let (code, text) = c.add_member(2, idx, true).await;
+    assert_eq!(code, 200, "{text}");
     let status = c.status(idx).await.expect("status");
     assert_eq!(role(&status, 4), Some(json!("voter")));
     // The new voter serves linearizable reads.
@@ -962,18 +947,10 @@ async fn members_can_be_added_as_learners_promoted_and_removed() {
     // A learner can be removed too (it never becomes a voter).
     let idx5 = c.prepare_extra_node();
     c.spawn(idx5);
-    let n5 = &c.nodes[idx5];
-    let body = json!({"id": n5.id, "api": n5.api.to_string(), "raft": n5.raft.to_string(), "zone": n5.zone, "voter": false});
-    let r = c
-        .client
-        .post(c.url(0, "/v1/cluster/members"))
-        .json(&body)
-        .send()
-        .await
-        .expect("add");
-    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let (code, text) = c.add_member(0, idx5, false).await;
+    assert_eq!(code, 200, "{text}");
     assert_eq!(
-        role(&c.status(0).await.expect("status"), n5.id),
+        role(&c.status(0).await.expect("status"), c.nodes[idx5].id),
         Some(json!("learner"))
     );
     let r = c

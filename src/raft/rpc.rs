@@ -113,12 +113,8 @@ async fn write(State(c): State<Cluster>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    // A node that is no longer leader answers NotLeader from raft itself (nothing appended).
     let deadline = budget(req.budget_ms, &c);
-    if c.leader().map(|l| l.0) != Some(c.id()) {
-        return reply(&Err::<(), _>(ClusterError::NotLeader {
-            leader: c.leader().map(|l| l.0),
-        }));
-    }
     reply(&c.write_local(req.op, &req.caller, deadline).await)
 }
 

@@ -324,6 +324,22 @@ impl TestCluster {
             .collect()
     }
 
+    /// Asks node `via` to add node `idx` (as a voter or a learner); returns status and body.
+    pub async fn add_member(&self, via: usize, idx: usize, voter: bool) -> (u16, String) {
+        let n = &self.nodes[idx];
+        let body = serde_json::json!({
+            "id": n.id, "api": n.api.to_string(), "raft": n.raft.to_string(), "zone": n.zone, "voter": voter,
+        });
+        let r = self
+            .client
+            .post(self.url(via, "/v1/cluster/members"))
+            .json(&body)
+            .send()
+            .await
+            .expect("add member");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
     pub async fn put_instance(
         &self,
         idx: usize,
