@@ -19,9 +19,11 @@ use axum_server::tls::TlsInfo;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::identity;
-use crate::raft::{Cluster, ClusterError, Member, WriteOp};
+use crate::authz::{AclCommand, AclOutcome, Action, Binding, Resource, Role};
+use crate::identity::{self, Identity};
+use crate::raft::{not_owner, Cluster, ClusterError, Member, WriteOp};
 use crate::registry::{self, Filter, InstanceSpec, Outcome, Precondition, ValidationError};
+use crate::token::TokenVerifier;
 
 pub const HEADER_INDEX: &str = "x-cairn-index";
 pub const HEADER_LEADER: &str = "x-cairn-leader";
@@ -36,11 +38,24 @@ pub struct ApiState {
     pub max_body_bytes: usize,
     /// Cap on `wait=` of blocking queries.
     pub max_wait: Duration,
+    /// Bearer-token verification; `None` when the node accepts certificates only.
+    pub tokens: Option<Arc<TokenVerifier>>,
 }
 
-/// The authenticated caller of a request (its SPIFFE identity, `kind/name`).
+/// The authenticated caller of a request.
 #[derive(Debug, Clone)]
-struct Caller(String);
+struct Caller {
+    identity: Identity,
+    /// `certificate` or `token`.
+    via: &'static str,
+}
+
+impl Caller {
+    /// The stable `kind/name` form recorded as owner and passed to the replicated core.
+    fn name(&self) -> String {
+        self.identity.to_string()
+    }
+}
 
 /// Every way a request can fail, mapped to a status and a stable problem `type` in
 /// [`IntoResponse`] below — the only place that does so.
@@ -54,6 +69,10 @@ pub enum ApiError {
         limit: usize,
     },
     Unauthenticated {
+        reason: String,
+    },
+    /// The caller is known but the policy (or ownership) does not allow this.
+    Forbidden {
         reason: String,
     },
     NotFound {
@@ -108,6 +127,7 @@ impl From<ClusterError> for ApiError {
             ClusterError::NotFound { what } => ApiError::NotFound { what },
             ClusterError::Invalid { field, message } => ApiError::Invalid { field, message },
             ClusterError::Conflict { reason } => ApiError::Conflict { reason },
+            ClusterError::Forbidden { reason } => ApiError::Forbidden { reason },
         }
     }
 }
@@ -130,6 +150,7 @@ impl IntoResponse for ApiError {
                 "unauthenticated",
                 "Unauthenticated",
             ),
+            ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not-found", "Not found"),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -161,6 +182,7 @@ impl IntoResponse for ApiError {
                 None,
             ),
             ApiError::Unauthenticated { reason } => (reason, None, None),
+            ApiError::Forbidden { reason } => (reason, None, None),
             ApiError::NotFound { what } => (format!("{what} not found"), None, None),
             ApiError::MethodNotAllowed => {
                 ("method not allowed on this resource".into(), None, None)
@@ -217,6 +239,17 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::delete(remove_member),
         )
         .route("/v1/cluster/transfer-leader", post(transfer_leader))
+        .route("/v1/acl/whoami", get(whoami))
+        .route("/v1/acl/roles", get(list_roles))
+        .route(
+            "/v1/acl/roles/{name}",
+            get(get_role).put(put_role).delete(delete_role),
+        )
+        .route("/v1/acl/bindings", get(list_bindings))
+        .route(
+            "/v1/acl/bindings/{name}",
+            get(get_binding).put(put_binding).delete(delete_binding),
+        )
         .route("/v1/health/live", get(live))
         .route("/v1/health/ready", get(ready))
         .fallback(|| async {
@@ -230,38 +263,99 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Maps the client certificate (already verified against the CA by the TLS layer) to a SPIFFE
-/// identity. Identity is never taken from headers or parameters.
+/// Establishes who is calling, from a bearer token (when one is sent) or else from the client
+/// certificate's SPIFFE ID (its chain was verified by the TLS handshake). Identity is never
+/// taken from any other header, a parameter or the body.
 async fn authenticate(
     State(s): State<ApiState>,
     tls: Option<Extension<Arc<TlsInfo>>>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let Some(Extension(tls)) = tls else {
-        return ApiError::Unauthenticated {
-            reason: "no TLS session".into(),
-        }
-        .into_response();
+    let leaf = tls
+        .as_ref()
+        .and_then(|Extension(t)| t.peer_certificates.first().cloned());
+    let caller = match bearer_token(req.headers()) {
+        Err(e) => Err(e),
+        Ok(Some(token)) => match &s.tokens {
+            None => Err(ApiError::Unauthenticated {
+                reason: "bearer tokens are not accepted by this cluster (no [jwt] configured); use a client certificate".into(),
+            }),
+            Some(v) => v
+                .verify(token, leaf.as_deref())
+                .map(|identity| Caller {
+                    identity,
+                    via: "token",
+                })
+                .map_err(|e| ApiError::Unauthenticated {
+                    reason: format!("bearer token: {e}"),
+                }),
+        },
+        Ok(None) => match &leaf {
+            None => Err(ApiError::Unauthenticated {
+                reason: "no credential: present a client certificate or a bearer token".into(),
+            }),
+            Some(der) => identity::identity_from_cert(der, &s.trust_domain)
+                .map(|identity| Caller {
+                    identity,
+                    via: "certificate",
+                })
+                .map_err(|e| ApiError::Unauthenticated {
+                    reason: format!("client certificate: {e}"),
+                }),
+        },
     };
-    let Some(leaf) = tls.peer_certificates.first() else {
-        return ApiError::Unauthenticated {
-            reason: "no client certificate".into(),
-        }
-        .into_response();
-    };
-    match identity::identity_from_cert(leaf, &s.trust_domain) {
-        Ok(id) => {
-            let caller = id.to_string();
-            tracing::debug!(principal = %caller, method = %req.method(), path = %req.uri().path(), "request");
-            req.extensions_mut().insert(Caller(caller));
+    match caller {
+        Ok(caller) => {
+            tracing::debug!(principal = %caller.identity, via = caller.via, method = %req.method(), path = %req.uri().path(), "request");
+            req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Err(e) => ApiError::Unauthenticated {
-            reason: format!("client certificate: {e}"),
+        Err(e) => {
+            tracing::info!(error = ?e, path = %req.uri().path(), "unauthenticated request");
+            e.into_response()
         }
-        .into_response(),
     }
+}
+
+/// The token of an `Authorization: Bearer` header; other schemes are refused, not ignored.
+fn bearer_token(headers: &HeaderMap) -> ApiResult<Option<&str>> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let bad = |reason: &str| ApiError::Unauthenticated {
+        reason: reason.into(),
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| bad("Authorization header is not ASCII"))?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Some(token.trim()))
+        }
+        _ => Err(bad("Authorization must be `Bearer <token>`")),
+    }
+}
+
+/// Checks the policy as this node has applied it. Linearizable reads call this after their
+/// read barrier, so the policy is as current as the data; writes are checked again by the
+/// state machine at their log position.
+fn authorize(
+    s: &ApiState,
+    caller: &Caller,
+    action: Action,
+    resource: Resource<'_>,
+) -> ApiResult<()> {
+    s.cluster
+        .state()
+        .read()
+        .policy
+        .authorize(&caller.identity, action, resource)
+        .map_err(|d| ApiError::Forbidden {
+            reason: d.to_string(),
+        })
 }
 
 /// Adds `X-Cairn-Leader` and (unless a handler set a more specific one) `X-Cairn-Index` to
@@ -363,6 +457,7 @@ fn outcome_response(
     outcome: Outcome,
     index: u64,
     precondition: Precondition,
+    (service, id): (&str, &str),
 ) -> ApiResult<Response> {
     match outcome {
         Outcome::Registered { instance, created } => {
@@ -395,6 +490,9 @@ fn outcome_response(
         Outcome::NotFound => Err(ApiError::NotFound {
             what: "instance".into(),
         }),
+        Outcome::NotOwner { owner } => Err(ApiError::Forbidden {
+            reason: not_owner(service, id, &owner),
+        }),
         Outcome::Invalid(v) => Err(v.into()),
         Outcome::Leases { .. } => Err(ApiError::Unavailable {
             reason: "unexpected outcome".into(),
@@ -410,6 +508,7 @@ async fn register(
     body: Body,
 ) -> ApiResult<Response> {
     validate_names(&service, Some(&id))?;
+    authorize(&s, &caller, Action::Register, Resource::Service(&service))?;
     let precondition = precondition(&headers)?;
     let spec: InstanceSpec = read_json(body, s.max_body_bytes).await?;
     spec.validate()?;
@@ -417,15 +516,15 @@ async fn register(
         .cluster
         .write(
             WriteOp::Register {
-                service,
-                id,
+                service: service.clone(),
+                id: id.clone(),
                 spec,
                 precondition,
             },
-            &caller.0,
+            &caller.name(),
         )
         .await?;
-    outcome_response(res.outcome, res.index, precondition)
+    outcome_response(res.outcome, res.index, precondition, (&service, &id))
 }
 
 async fn deregister(
@@ -435,19 +534,20 @@ async fn deregister(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     validate_names(&service, Some(&id))?;
+    authorize(&s, &caller, Action::Deregister, Resource::Service(&service))?;
     let precondition = precondition(&headers)?;
     let res = s
         .cluster
         .write(
             WriteOp::Deregister {
-                service,
-                id,
+                service: service.clone(),
+                id: id.clone(),
                 precondition,
             },
-            &caller.0,
+            &caller.name(),
         )
         .await?;
-    outcome_response(res.outcome, res.index, precondition)
+    outcome_response(res.outcome, res.index, precondition, (&service, &id))
 }
 
 async fn heartbeat(
@@ -456,7 +556,8 @@ async fn heartbeat(
     Path((service, id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     validate_names(&service, Some(&id))?;
-    let res = s.cluster.heartbeat(&service, &id, &caller.0).await?;
+    authorize(&s, &caller, Action::Heartbeat, Resource::Service(&service))?;
+    let res = s.cluster.heartbeat(&service, &id, &caller.name()).await?;
     Ok(Json(res).into_response())
 }
 
@@ -546,17 +647,27 @@ struct ServicesBody {
     services: Vec<registry::ServiceSummary>,
 }
 
+/// Lists only the services the caller may discover: the rest are not hinted at.
 async fn list_services(
     State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<ReadParams>, QueryRejection>,
 ) -> ApiResult<Response> {
     let p = query(q)?;
     let extra = barrier(&s, consistency(p.consistency.as_deref())?).await?;
     let body = {
         let st = s.cluster.state().read();
+        let mut services = st.registry.services();
+        services.retain(|svc| {
+            st.policy.allows(
+                &caller.identity,
+                Action::Discover,
+                Resource::Service(&svc.name),
+            )
+        });
         ServicesBody {
             index: st.registry.index(),
-            services: st.registry.services(),
+            services,
         }
     };
     let index = body.index;
@@ -575,6 +686,7 @@ struct ServiceBody {
 
 async fn query_service(
     State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(service): Path<String>,
     q: Result<Query<ServiceParams>, QueryRejection>,
 ) -> ApiResult<Response> {
@@ -592,6 +704,8 @@ async fn query_service(
         });
     }
     let extra = barrier(&s, c).await?;
+    // 403 whether or not the service exists: a caller learns nothing outside its scope.
+    authorize(&s, &caller, Action::Discover, Resource::Service(&service))?;
     let filter = Filter {
         healthy: p.healthy,
         tag: p.tag,
@@ -613,6 +727,8 @@ async fn query_service(
             }
         }
     }
+    // A blocking query may have waited across a policy change: decide again on what is sent.
+    authorize(&s, &caller, Action::Discover, Resource::Service(&service))?;
     let body = {
         let st = s.cluster.state().read();
         ServiceBody {
@@ -630,12 +746,14 @@ async fn query_service(
 
 async fn get_instance(
     State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path((service, id)): Path<(String, String)>,
     q: Result<Query<ReadParams>, QueryRejection>,
 ) -> ApiResult<Response> {
     validate_names(&service, Some(&id))?;
     let p = query(q)?;
     let extra = barrier(&s, consistency(p.consistency.as_deref())?).await?;
+    authorize(&s, &caller, Action::Discover, Resource::Service(&service))?;
     let inst = s
         .cluster
         .state()
@@ -652,7 +770,11 @@ async fn get_instance(
     Ok(with_index(add_headers(resp, extra), inst.modify_index))
 }
 
-async fn cluster_status(State(s): State<ApiState>) -> ApiResult<Response> {
+async fn cluster_status(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Response> {
+    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
     Ok(Json(s.cluster.status().await).into_response())
 }
 
@@ -672,7 +794,12 @@ fn yes() -> bool {
     true
 }
 
-async fn add_member(State(s): State<ApiState>, body: Body) -> ApiResult<Response> {
+async fn add_member(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    body: Body,
+) -> ApiResult<Response> {
+    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
     let m: AddMember = read_json(body, s.max_body_bytes).await?;
     if m.id == 0 {
         return Err(ApiError::Invalid {
@@ -698,7 +825,12 @@ async fn add_member(State(s): State<ApiState>, body: Body) -> ApiResult<Response
     Ok(Json(s.cluster.add_member(m.id, member, m.voter).await?).into_response())
 }
 
-async fn remove_member(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn remove_member(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
     let id: u64 = id.parse().map_err(|_| ApiError::Invalid {
         field: "id".into(),
         message: format!("`{id}` is not a node id"),
@@ -713,9 +845,200 @@ struct TransferLeader {
     to: u64,
 }
 
-async fn transfer_leader(State(s): State<ApiState>, body: Body) -> ApiResult<Response> {
+async fn transfer_leader(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    body: Body,
+) -> ApiResult<Response> {
+    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
     let t: TransferLeader = read_json(body, s.max_body_bytes).await?;
     Ok(Json(s.cluster.transfer_leader(t.to).await?).into_response())
+}
+
+// ---- access control ----
+
+#[derive(Serialize)]
+struct Grant<'a> {
+    binding: &'a str,
+    role: &'a str,
+    rules: &'a [crate::authz::Rule],
+}
+
+/// Who the caller is and which roles apply to it; needs no permission (it reveals only the
+/// caller's own grants).
+async fn whoami(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Response> {
+    let st = s.cluster.state().read();
+    let grants: Vec<Grant<'_>> = st
+        .policy
+        .bindings()
+        .filter(|b| b.matches(&caller.identity))
+        .flat_map(|b| {
+            b.roles.iter().filter_map(|r| {
+                st.policy.role(r).map(|role| Grant {
+                    binding: &b.name,
+                    role: &role.name,
+                    rules: &role.rules,
+                })
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "identity": caller.name(),
+        "authenticated_by": caller.via,
+        "grants": grants,
+    }))
+    .into_response())
+}
+
+async fn list_roles(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Response> {
+    s.cluster.read_barrier().await?;
+    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
+    let roles: Vec<Role> = s.cluster.state().read().policy.roles().cloned().collect();
+    Ok(Json(serde_json::json!({ "roles": roles })).into_response())
+}
+
+async fn get_role(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    s.cluster.read_barrier().await?;
+    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
+    let role = s.cluster.state().read().policy.role(&name).cloned();
+    let role = role.ok_or_else(|| ApiError::NotFound {
+        what: format!("role {name:?}"),
+    })?;
+    Ok(Json(role).into_response())
+}
+
+async fn list_bindings(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Response> {
+    s.cluster.read_barrier().await?;
+    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
+    let bindings: Vec<Binding> = s
+        .cluster
+        .state()
+        .read()
+        .policy
+        .bindings()
+        .cloned()
+        .collect();
+    Ok(Json(serde_json::json!({ "bindings": bindings })).into_response())
+}
+
+async fn get_binding(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    s.cluster.read_barrier().await?;
+    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
+    let binding = s.cluster.state().read().policy.binding(&name).cloned();
+    let binding = binding.ok_or_else(|| ApiError::NotFound {
+        what: format!("binding {name:?}"),
+    })?;
+    Ok(Json(binding).into_response())
+}
+
+/// The body's `name`, if given, must be the one in the path.
+fn same_name(path: &str, body: &str) -> ApiResult<()> {
+    if body == path {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid {
+            field: "name".into(),
+            message: format!("is {body:?} but the path names {path:?}"),
+        })
+    }
+}
+
+async fn put_role(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult<Response> {
+    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
+    let mut v: serde_json::Value = read_json(body, s.max_body_bytes).await?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.entry("name").or_insert_with(|| name.clone().into());
+    }
+    let role: Role = from_value(v)?;
+    same_name(&name, &role.name)?;
+    role.validate()?;
+    acl_write(&s, &caller, AclCommand::PutRole(role)).await
+}
+
+async fn delete_role(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
+    acl_write(&s, &caller, AclCommand::DeleteRole { name }).await
+}
+
+async fn put_binding(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult<Response> {
+    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
+    let mut v: serde_json::Value = read_json(body, s.max_body_bytes).await?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.entry("name").or_insert_with(|| name.clone().into());
+    }
+    let binding: Binding = from_value(v)?;
+    same_name(&name, &binding.name)?;
+    binding.validate()?;
+    acl_write(&s, &caller, AclCommand::PutBinding(binding)).await
+}
+
+async fn delete_binding(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
+    acl_write(&s, &caller, AclCommand::DeleteBinding { name }).await
+}
+
+async fn acl_write(s: &ApiState, caller: &Caller, cmd: AclCommand) -> ApiResult<Response> {
+    let res = s.cluster.acl_write(cmd, &caller.name()).await?;
+    let status = match res.outcome {
+        AclOutcome::RolePut { created: true } | AclOutcome::BindingPut { created: true } => {
+            StatusCode::CREATED
+        }
+        AclOutcome::RolePut { .. }
+        | AclOutcome::BindingPut { .. }
+        | AclOutcome::RoleDeleted
+        | AclOutcome::BindingDeleted
+        | AclOutcome::Bootstrapped { .. } => StatusCode::OK,
+        AclOutcome::NotFound { what } => return Err(ApiError::NotFound { what }),
+        AclOutcome::Conflict { reason } => return Err(ApiError::Conflict { reason }),
+        AclOutcome::Invalid(v) => return Err(v.into()),
+    };
+    Ok(with_index(
+        (status, Json(serde_json::json!({ "index": res.index }))).into_response(),
+        res.index,
+    ))
+}
+
+/// Deserializes an already-parsed JSON body, naming the offending field on error.
+fn from_value<T: DeserializeOwned>(v: serde_json::Value) -> ApiResult<T> {
+    serde_path_to_error::deserialize(v).map_err(|e| ApiError::Invalid {
+        field: e.path().to_string(),
+        message: e.inner().to_string(),
+    })
 }
 
 async fn live() -> Response {

@@ -327,6 +327,55 @@ pub fn write_ca_files(dir: &Path, ca: &CertAuthority) -> Result<(PathBuf, PathBu
     write_pem_files(dir, "ca", &issued)
 }
 
+/// Writes a trust bundle: the CA certificates of `inputs`, in order, into `out` (mode 0644,
+/// atomically). Used during a CA rotation, when nodes and clients trust the old and the
+/// new CA side by side. Each input must hold CA certificates only; returns how many.
+pub fn write_bundle(out: &Path, inputs: &[PathBuf]) -> Result<usize, CertError> {
+    let mut bundle = String::new();
+    let mut count = 0;
+    for path in inputs {
+        let pem = read_to_string(path)?;
+        let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CertError::BadPem {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if certs.is_empty() {
+            return Err(CertError::BadPem {
+                path: path.clone(),
+                reason: "no certificate found".into(),
+            });
+        }
+        for der in &certs {
+            let (_, cert) =
+                x509_parser::parse_x509_certificate(der).map_err(|e| CertError::BadPem {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            if !cert.is_ca() {
+                return Err(CertError::NotCa { path: path.clone() });
+            }
+            bundle.push_str(&pem_encode(der));
+            count += 1;
+        }
+    }
+    write_atomically(out, bundle.as_bytes(), 0o644)?;
+    Ok(count)
+}
+
+fn pem_encode(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

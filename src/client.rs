@@ -43,6 +43,8 @@ pub struct Reply {
 pub struct Client {
     endpoints: Vec<String>,
     http: reqwest::Client,
+    /// `Authorization: Bearer ...`, sent with every request when set.
+    bearer: Option<reqwest::header::HeaderValue>,
 }
 
 impl Client {
@@ -73,7 +75,22 @@ impl Client {
         }
         let http =
             tls::api_client(ca, cert, key, timeout).map_err(|e| ClientError::Tls(e.to_string()))?;
-        Ok(Client { endpoints, http })
+        Ok(Client {
+            endpoints,
+            http,
+            bearer: None,
+        })
+    }
+
+    /// Sends `token` as a bearer token with every request.
+    pub fn with_bearer_token(mut self, token: &str) -> Result<Client, ClientError> {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| {
+                ClientError::Tls("the token contains characters not allowed in a header".into())
+            })?;
+        value.set_sensitive(true);
+        self.bearer = Some(value);
+        Ok(self)
     }
 
     /// Sends one request, trying each endpoint in turn while they cannot be reached. An
@@ -91,6 +108,9 @@ impl Client {
             let mut req = self.http.request(method.clone(), format!("{ep}{path}"));
             for (k, v) in headers {
                 req = req.header(*k, v);
+            }
+            if let Some(b) = &self.bearer {
+                req = req.header(reqwest::header::AUTHORIZATION, b.clone());
             }
             if let Some(b) = body {
                 req = req.json(b);

@@ -51,6 +51,12 @@ pub const DEFAULT_MAX_WAIT_SECONDS: u64 = 300;
 pub const DEFAULT_CHECK_INTERVAL_MS: u64 = 250;
 /// Default for [`LeaseTuning::reap_after_seconds`].
 pub const DEFAULT_REAP_AFTER_SECONDS: u64 = 3600;
+/// Default for [`TlsFiles::reload_interval_ms`].
+pub const DEFAULT_RELOAD_INTERVAL_MS: u64 = 2000;
+/// Default for [`Jwt::identity_claim`].
+pub const DEFAULT_IDENTITY_CLAIM: &str = "sub";
+/// Default for [`Jwt::leeway_seconds`].
+pub const DEFAULT_LEEWAY_SECONDS: u64 = 30;
 /// Default for [`Config::log`].
 pub const DEFAULT_LOG: &str = "info";
 /// The largest initial membership accepted (Raft clusters beyond 7 voters only get slower).
@@ -97,6 +103,12 @@ pub struct Config {
     /// Lease expiry and reaping.
     #[serde(default)]
     pub leases: LeaseTuning,
+    /// Access control: the policy applied at first cluster start.
+    #[serde(default)]
+    pub acl: Acl,
+    /// JWT bearer tokens accepted on the API (absent: certificates only).
+    #[serde(default)]
+    pub jwt: Option<Jwt>,
     /// `tracing` filter directive, e.g. `info` or `info,cairn::raft=debug`.
     #[serde(default = "default_log")]
     pub log: String,
@@ -123,6 +135,72 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This node's private key (mode 0600).
     pub key: PathBuf,
+    /// Whether the API listener demands a client certificate: `required`, or `optional`
+    /// (a caller without one must then present a bearer token; needs `[jwt]`).
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// How often the certificate, key, CA and JWKS files are checked for changes, in
+    /// milliseconds; SIGHUP reloads at once.
+    #[serde(default = "default_reload_interval_ms")]
+    pub reload_interval_ms: u64,
+}
+
+impl TlsFiles {
+    /// [`TlsFiles::reload_interval_ms`] as a duration.
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_millis(self.reload_interval_ms)
+    }
+}
+
+/// The API listener's client-certificate mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Every connection presents a certificate of the CA.
+    #[default]
+    Required,
+    /// TLS without a client certificate is accepted; such callers need a bearer token.
+    Optional,
+}
+
+/// Access control settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acl {
+    /// A TOML policy (roles and bindings) applied once, when the cluster first starts;
+    /// later changes go through `/v1/acl` and are never overwritten by this file.
+    pub policy_file: Option<PathBuf>,
+}
+
+/// How bearer tokens are verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jwt {
+    /// JWKS file with the issuer's public keys (EdDSA, ES256, RS256); reloaded on change.
+    pub jwks: PathBuf,
+    /// Required `iss` claim.
+    pub issuer: String,
+    /// Required `aud` claim (one of the token's audiences).
+    pub audience: String,
+    /// The claim naming the caller: `service/<name>`, `operator/<name>`, or a SPIFFE ID of
+    /// this trust domain.
+    #[serde(default = "default_identity_claim")]
+    pub identity_claim: String,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #[serde(default = "default_leeway_seconds")]
+    pub leeway_seconds: u64,
+}
+
+fn default_reload_interval_ms() -> u64 {
+    DEFAULT_RELOAD_INTERVAL_MS
+}
+
+fn default_identity_claim() -> String {
+    DEFAULT_IDENTITY_CLAIM.to_owned()
+}
+
+fn default_leeway_seconds() -> u64 {
+    DEFAULT_LEEWAY_SECONDS
 }
 
 /// One initial cluster member.
@@ -339,14 +417,21 @@ impl Config {
         self.members.iter().find(|m| m.id == id)
     }
 
-    fn path_fields(&mut self) -> [(&'static str, &mut PathBuf); 5] {
-        [
+    fn path_fields(&mut self) -> Vec<(&'static str, &mut PathBuf)> {
+        let mut fields = vec![
             ("data_dir", &mut self.data_dir),
             ("tls.ca", &mut self.tls.ca),
             ("tls.cert", &mut self.tls.cert),
             ("tls.key", &mut self.tls.key),
             ("keyring", &mut self.keyring),
-        ]
+        ];
+        if let Some(p) = &mut self.acl.policy_file {
+            fields.push(("acl.policy_file", p));
+        }
+        if let Some(jwt) = &mut self.jwt {
+            fields.push(("jwt.jwks", &mut jwt.jwks));
+        }
+        fields
     }
 
     fn resolve_paths(&mut self, base_dir: &Path, settings: &Settings) -> Result<(), ConfigError> {
@@ -412,11 +497,47 @@ impl Config {
             ));
         }
 
+        if let Some(policy) = &self.acl.policy_file {
+            check_file("acl.policy_file", policy, false)?;
+        }
+        self.validate_jwt()?;
         self.validate_members()?;
         self.validate_tuning()?;
 
         if self.log.trim().is_empty() {
             return Err(invalid("log", "must not be empty (e.g. `info`)"));
+        }
+        Ok(())
+    }
+
+    fn validate_jwt(&self) -> Result<(), ConfigError> {
+        let Some(jwt) = &self.jwt else {
+            if self.tls.client_auth == ClientAuth::Optional {
+                return Err(invalid(
+                    "tls.client_auth",
+                    "is `optional`, which needs [jwt]: callers without a certificate must present a token",
+                ));
+            }
+            return Ok(());
+        };
+        check_file("jwt.jwks", &jwt.jwks, false)?;
+        for (field, value) in [
+            ("jwt.issuer", &jwt.issuer),
+            ("jwt.audience", &jwt.audience),
+            ("jwt.identity_claim", &jwt.identity_claim),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(field, "must not be empty"));
+            }
+        }
+        if jwt.leeway_seconds > 300 {
+            return Err(invalid(
+                "jwt.leeway_seconds",
+                format!(
+                    "is {}, at most 300 (5 minutes) of clock skew is tolerated",
+                    jwt.leeway_seconds
+                ),
+            ));
         }
         Ok(())
     }
@@ -522,6 +643,7 @@ impl Config {
             ("limits.max_wait_seconds", self.limits.max_wait_seconds),
             ("leases.check_interval_ms", self.leases.check_interval_ms),
             ("leases.reap_after_seconds", self.leases.reap_after_seconds),
+            ("tls.reload_interval_ms", self.tls.reload_interval_ms),
         ];
         for (field, value) in at_least_one {
             if value == 0 {
@@ -831,12 +953,25 @@ fn schema() -> toml::Table {
             ca: PathBuf::new(),
             cert: PathBuf::new(),
             key: PathBuf::new(),
+            client_auth: ClientAuth::default(),
+            reload_interval_ms: DEFAULT_RELOAD_INTERVAL_MS,
         },
         keyring: PathBuf::new(),
         members: Vec::new(),
         raft: RaftTuning::default(),
         limits: Limits::default(),
         leases: LeaseTuning::default(),
+        // Optional sections are filled in so that their keys are part of the schema.
+        acl: Acl {
+            policy_file: Some(PathBuf::new()),
+        },
+        jwt: Some(Jwt {
+            jwks: PathBuf::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            identity_claim: default_identity_claim(),
+            leeway_seconds: DEFAULT_LEEWAY_SECONDS,
+        }),
         log: default_log(),
     };
     match toml::Value::try_from(&sample) {

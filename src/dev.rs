@@ -60,6 +60,11 @@ pub fn node_config(dir: &Path, i: usize, n: usize) -> String {
         dir.join(format!("node{i}.pem")).display(),
         dir.join(format!("node{i}-key.pem")).display()
     );
+    let _ = writeln!(
+        s,
+        "\n[acl]\npolicy_file = \"{}\"",
+        dir.join("policy.toml").display()
+    );
     for m in 1..=n {
         let mip = node_ip(m);
         let _ = writeln!(
@@ -71,7 +76,53 @@ pub fn node_config(dir: &Path, i: usize, n: usize) -> String {
     s
 }
 
-/// Creates the CA, node and admin certificates, the keyring and the node configs in `dir`.
+/// The policy a dev cluster starts with: the `admin` operator may do everything; every service
+/// manages and discovers its own instances; `service/web` may also discover every service;
+/// `operator/backup` may take snapshots.
+pub const DEV_POLICY: &str = r#"# cairn dev policy (generated); applied once, when the cluster first starts.
+[[roles]]
+name = "admin"
+description = "everything, including the cluster and the policy"
+rules = [{ actions = ["admin"], services = ["*"] }]
+
+[[roles]]
+name = "service-self"
+description = "a service registers, renews, deregisters and discovers its own instances"
+rules = [{ actions = ["register", "deregister", "heartbeat", "discover"], services = ["{self}"] }]
+
+[[roles]]
+name = "discover-all"
+description = "read every service"
+rules = [{ actions = ["discover"], services = ["*"] }]
+
+[[roles]]
+name = "backup"
+description = "take and restore snapshots"
+rules = [{ actions = ["snapshot"], services = ["*"] }]
+
+[[bindings]]
+name = "operators"
+identities = ["operator/admin"]
+roles = ["admin"]
+
+[[bindings]]
+name = "services"
+identities = ["service/*"]
+roles = ["service-self"]
+
+[[bindings]]
+name = "web-discovers-all"
+identities = ["service/web"]
+roles = ["discover-all"]
+
+[[bindings]]
+name = "backups"
+identities = ["operator/backup"]
+roles = ["backup"]
+"#;
+
+/// Creates the CA, node, admin and example service certificates, the keyring, the policy
+/// and the node configs in `dir`.
 pub fn generate(dir: &Path, n: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let ca = CertAuthority::generate(TRUST_DOMAIN, Validity::days(30))?;
@@ -95,6 +146,17 @@ pub fn generate(dir: &Path, n: usize) -> anyhow::Result<()> {
         validity: Validity::days(30),
     })?;
     certs::write_pem_files(dir, "admin", &admin)?;
+    for name in ["web", "api"] {
+        let issued = ca.issue(&IssueRequest {
+            identity: Identity::Service(name.into()),
+            trust_domain: TRUST_DOMAIN.into(),
+            ips: vec![],
+            dns: vec![],
+            validity: Validity::days(30),
+        })?;
+        certs::write_pem_files(dir, &format!("service-{name}"), &issued)?;
+    }
+    std::fs::write(dir.join("policy.toml"), DEV_POLICY)?;
     Keyring::generate().write_new(&dir.join("keyring.json"))?;
     Ok(())
 }

@@ -6,10 +6,13 @@
 //!
 //! Map of the crate, bottom layer first (each module's first doc line says what it must not know):
 //! - [`registry`]: the domain — services, instances, commands, the pure state machine.
+//! - [`authz`]: actions, roles, bindings and the pure, default-deny policy evaluation.
 //! - [`crypto`]: the keyring and the sealing of every persisted byte.
 //! - [`config`]: the typed node configuration, loaded and validated once.
 //! - [`identity`]: SPIFFE identities taken from certificates.
-//! - [`tls`]: rustls server and client configurations for the two listeners and the peers.
+//! - [`token`]: JWT bearer tokens, verified against a JWKS and mapped to identities.
+//! - [`tls`]: rustls configurations for the two listeners and the peers, reloaded on change.
+//! - [`reload`]: watches files (and SIGHUP) and reloads what changed.
 //! - [`certs`]: the offline certificate authority (`cairn certs`).
 //! - [`storage`]: RocksDB — raft log, vote, snapshots; all on-disk encoding lives here.
 //! - [`raft`]: the openraft type config, the mTLS peer network and the internal RPC routes.
@@ -19,6 +22,7 @@
 //! - [`dev`]: `cairn dev`, a throwaway local cluster.
 
 pub mod api;
+pub mod authz;
 pub mod certs;
 pub mod client;
 pub mod config;
@@ -30,3 +34,4 @@ pub mod raft;
 pub mod registry;
 pub mod storage;
 pub mod tls;
+pub mod token;

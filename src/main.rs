@@ -48,6 +48,54 @@ enum Cmd {
     /// Cluster operations.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Access control: roles, bindings, and who you are.
+    #[command(subcommand)]
+    Acl(AclCmd),
+}
+
+#[derive(Subcommand)]
+enum AclCmd {
+    /// Show the caller's identity and the permissions it holds.
+    Whoami {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Roles: named sets of actions on service-name patterns.
+    #[command(subcommand)]
+    Role(AclObjectCmd),
+    /// Bindings: attach roles to identity patterns.
+    #[command(subcommand)]
+    Binding(AclObjectCmd),
+}
+
+#[derive(Subcommand)]
+enum AclObjectCmd {
+    /// List all.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one.
+    Get {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Create or replace one from a JSON or TOML file (`.toml`); its `name` is the one given.
+    Put {
+        name: String,
+        /// The definition (JSON, or TOML when the name ends in `.toml`).
+        #[arg(long)]
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete one.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Args)]
@@ -114,6 +162,15 @@ enum CertsCmd {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Write a trust bundle of several CA certificates (old and new CA during a rotation).
+    Bundle {
+        /// The bundle to write (mode 0644, replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// CA certificate files, e.g. old/ca.pem new/ca.pem.
+        #[arg(required = true)]
+        cas: Vec<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -161,6 +218,9 @@ struct ClientArgs {
     /// Request timeout in seconds.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
+    /// A file holding a JWT bearer token to send (the certificate still secures the connection).
+    #[arg(long, env = "CAIRN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -353,6 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Query(a) => query(a).await,
         Cmd::Cluster(c) => cluster_cmd(c).await,
+        Cmd::Acl(c) => acl_cmd(c).await,
     }
 }
 
@@ -443,18 +504,106 @@ fn certs_cmd(c: CertsCmd) -> anyhow::Result<()> {
             println!("wrote {} and {}", cert.display(), key.display());
             Ok(())
         }
+        CertsCmd::Bundle { out, cas } => {
+            let n = certs::write_bundle(&out, &cas)?;
+            println!("wrote {} ({n} CA certificates)", out.display());
+            Ok(())
+        }
     }
 }
 
 fn connect(a: &ClientArgs) -> anyhow::Result<Client> {
     let endpoints = vec![a.endpoints.clone()];
-    Ok(Client::new(
+    let client = Client::new(
         &endpoints,
         &a.ca,
         &a.cert,
         &a.key,
         Duration::from_secs(a.timeout),
-    )?)
+    )?;
+    Ok(match &a.token_file {
+        None => client,
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("--token-file {}", path.display()))?;
+            client.with_bearer_token(token.trim())?
+        }
+    })
+}
+
+async fn acl_cmd(c: AclCmd) -> anyhow::Result<()> {
+    let (kind, cmd) = match c {
+        AclCmd::Whoami { client } => {
+            let reply = connect(&client)?
+                .request(Method::GET, "/v1/acl/whoami", None, &[])
+                .await?;
+            let b = &reply.body;
+            print(client.output, b, || {
+                let mut out = format!(
+                    "{} (by {})",
+                    b["identity"].as_str().unwrap_or("?"),
+                    b["authenticated_by"].as_str().unwrap_or("?")
+                );
+                for g in b["grants"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "\n  role {:<20} via binding {:<20} {}",
+                        g["role"].as_str().unwrap_or("?"),
+                        g["binding"].as_str().unwrap_or("?"),
+                        g["rules"]
+                    ));
+                }
+                out
+            });
+            return Ok(());
+        }
+        AclCmd::Role(cmd) => ("roles", cmd),
+        AclCmd::Binding(cmd) => ("bindings", cmd),
+    };
+    let (client, reply) = match cmd {
+        AclObjectCmd::List { client } => {
+            let path = format!("/v1/acl/{kind}");
+            let reply = connect(&client)?
+                .request(Method::GET, &path, None, &[])
+                .await?;
+            (client, reply)
+        }
+        AclObjectCmd::Get { name, client } => {
+            let path = format!("/v1/acl/{kind}/{name}");
+            let reply = connect(&client)?
+                .request(Method::GET, &path, None, &[])
+                .await?;
+            (client, reply)
+        }
+        AclObjectCmd::Put { name, file, client } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("--file {}", file.display()))?;
+            let mut body: Value = if file.extension().is_some_and(|e| e == "toml") {
+                toml::from_str(&text).with_context(|| format!("--file {}", file.display()))?
+            } else {
+                serde_json::from_str(&text).with_context(|| format!("--file {}", file.display()))?
+            };
+            let Some(obj) = body.as_object_mut() else {
+                bail!("--file {}: expected a table/object", file.display());
+            };
+            obj.insert("name".into(), json!(name));
+            let path = format!("/v1/acl/{kind}/{name}");
+            let reply = connect(&client)?
+                .request(Method::PUT, &path, Some(&body), &[])
+                .await?;
+            (client, reply)
+        }
+        AclObjectCmd::Delete { name, client } => {
+            let path = format!("/v1/acl/{kind}/{name}");
+            let reply = connect(&client)?
+                .request(Method::DELETE, &path, None, &[])
+                .await?;
+            (client, reply)
+        }
+    };
+    print(client.output, &reply.body, || {
+        serde_json::to_string_pretty(&reply.body).unwrap_or_default()
+    });
+    Ok(())
 }
 
 fn instance_path(service: &str, id: &str) -> String {

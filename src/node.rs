@@ -16,11 +16,13 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::api::{self, ApiState};
+use crate::authz::{AclCommand, PolicyFile};
 use crate::config::Config;
 use crate::crypto::{Keyring, Sealer};
 use crate::raft::{rpc_router, Cluster, ClusterSettings, Member, NetworkFactory, Peers, Raft};
 use crate::storage::{LogStore, StateMachine, Store};
 use crate::tls::{self, TlsFiles};
+use crate::token::{TokenSettings, TokenVerifier};
 
 /// How long in-flight requests get to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -74,6 +76,34 @@ async fn serve(
     tls::install_crypto_provider();
     let id = cfg.node_id;
 
+    // Access control inputs are checked before anything starts: a bad policy file or JWKS
+    // is a startup error, not a surprise at the first request.
+    let policy = match &cfg.acl.policy_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("acl.policy_file {}", path.display()))?;
+            Some(
+                PolicyFile::from_toml(&text)
+                    .with_context(|| format!("acl.policy_file {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let tokens = match &cfg.jwt {
+        Some(j) => Some(Arc::new(
+            TokenVerifier::load(TokenSettings {
+                jwks: j.jwks.clone(),
+                issuer: j.issuer.clone(),
+                audience: j.audience.clone(),
+                identity_claim: j.identity_claim.clone(),
+                leeway: Duration::from_secs(j.leeway_seconds),
+                trust_domain: cfg.trust_domain.clone(),
+            })
+            .context("jwt")?,
+        )),
+        None => None,
+    };
+
     // Storage: refuse to start on data we cannot authenticate.
     let keyring = Keyring::load(&cfg.keyring).context("keyring")?;
     let sealer = Sealer::new(keyring);
@@ -121,6 +151,7 @@ async fn serve(
             request_timeout: Duration::from_millis(cfg.limits.request_timeout_ms),
             lease_check_interval: Duration::from_millis(cfg.leases.check_interval_ms),
             reap_after: Duration::from_secs(cfg.leases.reap_after_seconds),
+            trust_domain: cfg.trust_domain.clone(),
         },
     );
 
@@ -142,6 +173,7 @@ async fn serve(
         trust_domain: cfg.trust_domain.clone(),
         max_body_bytes: cfg.limits.max_body_bytes,
         max_wait: Duration::from_secs(cfg.limits.max_wait_seconds),
+        tokens: tokens.clone(),
     };
     let api_server = tls_server(api_listener, api_tls)?
         .handle(api_handle.clone())
@@ -152,7 +184,18 @@ async fn serve(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let lease_task = tokio::spawn(cluster.clone().run_lease_keeper(stop_rx.clone()));
-    let form_task = tokio::spawn(form_cluster(cfg.clone(), raft.clone(), peers, stop_rx));
+    let form_task = tokio::spawn(form_cluster(
+        cfg.clone(),
+        raft.clone(),
+        peers,
+        stop_rx.clone(),
+    ));
+    let bootstrap_task = tokio::spawn(bootstrap_policy(
+        cluster.clone(),
+        policy,
+        cfg.node_id,
+        stop_rx.clone(),
+    ));
 
     // A listener that dies takes the node down: a node that cannot serve must not linger.
     let mut failure = None;
@@ -167,6 +210,7 @@ async fn serve(
     // Reverse order: stop background work, drain the public API, stop raft, close the raft port.
     let _ = stop_tx.send(true);
     let _ = form_task.await;
+    let _ = bootstrap_task.await;
     let _ = lease_task.await;
     api_handle.graceful_shutdown(Some(DRAIN));
     if !api_task.is_finished() {
@@ -207,6 +251,47 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create data_dir {}", dir.display()))
+}
+
+/// Proposes the configured policy file until the cluster has a policy. Every node with a
+/// policy file does this; the state machine applies the first bootstrap and ignores the rest,
+/// and never one after an operator has changed the policy.
+async fn bootstrap_policy(
+    cluster: Cluster,
+    policy: Option<PolicyFile>,
+    node_id: u64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(policy) = policy else {
+        if !cluster.state().read().policy.is_bootstrapped() {
+            tracing::warn!("no acl.policy_file and no policy in the cluster yet: every request is denied until a node starts with one");
+        }
+        return;
+    };
+    let by = crate::identity::Identity::Node(node_id).to_string();
+    loop {
+        if cluster.state().read().policy.is_bootstrapped() {
+            return;
+        }
+        if cluster.leader().is_some() {
+            match cluster
+                .acl_write(AclCommand::Bootstrap(policy.clone()), &by)
+                .await
+            {
+                Ok(res) => {
+                    tracing::info!(outcome = ?res.outcome, index = res.index, "policy bootstrap proposed");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "policy bootstrap not yet possible; retrying")
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 /// Forms the cluster once: the member with the lowest id initializes it when every initial

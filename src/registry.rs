@@ -329,7 +329,8 @@ pub enum Command {
         id: String,
         /// What to register.
         spec: InstanceSpec,
-        /// Identity of the caller; becomes `registered_by` on creation only.
+        /// Identity of the caller (`service/web`); becomes `registered_by` on creation, and
+        /// must equal it on an update unless the caller may override ownership.
         owner: String,
         /// `If-Match` / `If-None-Match`.
         precondition: Precondition,
@@ -346,6 +347,9 @@ pub enum Command {
         precondition: Precondition,
         /// Leader time.
         now_ms: u64,
+        /// Identity of the caller; must equal the instance's `registered_by` unless the
+        /// caller may override ownership.
+        by: String,
     },
     /// Leader-detected lease expiry: marks each listed instance Critical, only if its
     /// modify_index still equals the one given (a re-registration in between wins).
@@ -410,6 +414,12 @@ pub enum Outcome {
     },
     /// Deregister of an instance that does not exist; nothing changed.
     NotFound,
+    /// The instance belongs to another identity and the caller may not override that;
+    /// nothing changed.
+    NotOwner {
+        /// The instance's `registered_by`.
+        owner: String,
+    },
     /// `apply` re-validates defensively; an invalid command changes nothing.
     Invalid(ValidationError),
     /// ExpireLeases / Revive / Reap: how many instances changed.
@@ -425,7 +435,10 @@ impl Outcome {
         match self {
             Outcome::Registered { .. } | Outcome::Deregistered { .. } => true,
             Outcome::Leases { changed } => *changed > 0,
-            Outcome::PreconditionFailed { .. } | Outcome::NotFound | Outcome::Invalid(_) => false,
+            Outcome::PreconditionFailed { .. }
+            | Outcome::NotFound
+            | Outcome::NotOwner { .. }
+            | Outcome::Invalid(_) => false,
         }
     }
 }
@@ -512,8 +525,15 @@ impl Registry {
     /// precondition, not found, stale lease references) moves no index. Raft log indices
     /// only grow, so for a changing command `index > self.index()` (debug-asserted).
     pub fn apply(&mut self, index: u64, cmd: &Command) -> Outcome {
+        self.apply_as(index, cmd, false)
+    }
+
+    /// [`Registry::apply`], where `may_override_owner` lets the caller change an instance
+    /// registered by another identity (an admin of that service, as the proposer's policy
+    /// decided at the same log position, so every node decides the same).
+    pub fn apply_as(&mut self, index: u64, cmd: &Command, may_override_owner: bool) -> Outcome {
         let before = self.index;
-        let outcome = self.dispatch(index, cmd);
+        let outcome = self.dispatch(index, cmd, may_override_owner);
         // A replayed or reordered entry would silently rewrite history with an older index;
         // catch it in tests. Non-changing commands may carry any index.
         debug_assert!(
@@ -523,7 +543,7 @@ impl Registry {
         outcome
     }
 
-    fn dispatch(&mut self, index: u64, cmd: &Command) -> Outcome {
+    fn dispatch(&mut self, index: u64, cmd: &Command, may_override_owner: bool) -> Outcome {
         match cmd {
             Command::Register {
                 service,
@@ -532,13 +552,23 @@ impl Registry {
                 owner,
                 precondition,
                 now_ms,
-            } => self.register(index, service, id, spec, owner, *precondition, *now_ms),
+            } => self.register(
+                index,
+                service,
+                id,
+                spec,
+                owner,
+                *precondition,
+                *now_ms,
+                may_override_owner,
+            ),
             Command::Deregister {
                 service,
                 id,
                 precondition,
                 now_ms: _,
-            } => self.deregister(index, service, id, *precondition),
+                by,
+            } => self.deregister(index, service, id, *precondition, by, may_override_owner),
             Command::ExpireLeases { leases, now_ms } => {
                 self.apply_leases(index, leases, *now_ms, LeaseAction::Expire)
             }
@@ -564,6 +594,7 @@ impl Registry {
         owner: &str,
         precondition: Precondition,
         now_ms: u64,
+        may_override_owner: bool,
     ) -> Outcome {
         if let Err(e) = validate_service_name(service)
             .and_then(|()| validate_instance_id(id))
@@ -572,6 +603,14 @@ impl Registry {
             return Outcome::Invalid(e);
         }
         let current = self.instance(service, id);
+        // Ownership before the precondition: a stranger learns nothing about the index.
+        if let Some(c) = current {
+            if c.registered_by != owner && !may_override_owner {
+                return Outcome::NotOwner {
+                    owner: c.registered_by.clone(),
+                };
+            }
+        }
         let current_index = current.map(|i| i.modify_index);
         let holds = match precondition {
             Precondition::None => true,
@@ -623,11 +662,21 @@ impl Registry {
         service: &str,
         id: &str,
         precondition: Precondition,
+        by: &str,
+        may_override_owner: bool,
     ) -> Outcome {
         if let Err(e) = validate_service_name(service).and_then(|()| validate_instance_id(id)) {
             return Outcome::Invalid(e);
         }
-        let current_index = self.instance(service, id).map(|i| i.modify_index);
+        let current = self.instance(service, id);
+        if let Some(c) = current {
+            if c.registered_by != by && !may_override_owner {
+                return Outcome::NotOwner {
+                    owner: c.registered_by.clone(),
+                };
+            }
+        }
+        let current_index = current.map(|i| i.modify_index);
         match (precondition, current_index) {
             (Precondition::IfMatch(n), cur) if cur != Some(n) => {
                 return Outcome::PreconditionFailed { current_index: cur };
@@ -814,7 +863,7 @@ mod tests {
             service: service.into(),
             id: id.into(),
             spec,
-            owner: "spiffe://cairn/service/web".into(),
+            owner: "service/web".into(),
             precondition: pre,
             now_ms: 1_000,
         }
@@ -1016,7 +1065,7 @@ mod tests {
             (instance.created_at_ms, instance.updated_at_ms),
             (1_000, 1_000)
         );
-        assert_eq!(instance.registered_by, "spiffe://cairn/service/web");
+        assert_eq!(instance.registered_by, "service/web");
         assert_eq!(instance.health, Health::Passing);
         assert_eq!(r.instance("web", "w1"), Some(&instance));
         assert_eq!((r.index(), r.service_index("web")), (3, 3));
@@ -1028,11 +1077,21 @@ mod tests {
                 port: 9090,
                 ..spec()
             },
-            owner: "spiffe://cairn/operator/admin".into(),
+            owner: "operator/admin".into(),
             precondition: Precondition::None,
             now_ms: 2_000,
         };
-        let Outcome::Registered { instance, created } = r.apply(7, &update) else {
+        // Another identity may not touch it...
+        let before = r.clone();
+        assert_eq!(
+            r.apply(7, &update),
+            Outcome::NotOwner {
+                owner: "service/web".into()
+            }
+        );
+        assert_eq!(r, before);
+        // ...unless it may override ownership (an admin); ownership stays with the creator.
+        let Outcome::Registered { instance, created } = r.apply_as(7, &update, true) else {
             panic!("not updated")
         };
         assert!(!created);
@@ -1042,7 +1101,7 @@ mod tests {
             (instance.created_at_ms, instance.updated_at_ms),
             (1_000, 2_000)
         );
-        assert_eq!(instance.registered_by, "spiffe://cairn/service/web");
+        assert_eq!(instance.registered_by, "service/web");
         assert_eq!((r.index(), r.service_index("web")), (7, 7));
         assert_eq!(r.instance_count(), 1);
     }
@@ -1120,6 +1179,7 @@ mod tests {
                     id: "".into(),
                     precondition: Precondition::None,
                     now_ms: 1,
+                    by: "service/web".into(),
                 },
                 "id",
             ),
@@ -1141,7 +1201,35 @@ mod tests {
             id: id.into(),
             precondition: pre,
             now_ms: 3_000,
+            by: "service/web".into(),
         }
+    }
+
+    #[test]
+    fn only_the_owner_or_an_override_deregisters() {
+        let mut r = Registry::new();
+        r.apply(1, &register("web", "w1", spec(), Precondition::None));
+        let before = r.clone();
+        let stranger = Command::Deregister {
+            service: "web".into(),
+            id: "w1".into(),
+            precondition: Precondition::IfMatch(1),
+            now_ms: 2_000,
+            by: "service/api".into(),
+        };
+        // Refused before the precondition is even looked at.
+        assert_eq!(
+            r.apply(2, &stranger),
+            Outcome::NotOwner {
+                owner: "service/web".into()
+            }
+        );
+        assert_eq!(r, before);
+        assert!(matches!(
+            r.apply_as(2, &stranger, true),
+            Outcome::Deregistered { .. }
+        ));
+        assert_eq!(r.instance_count(), 0);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! |-------------|----------------------------|--------------------------------------------------|
 //! | `logs`      | log index, u64 big-endian  | one openraft entry                               |
 //! | `meta`      | `vote`, `committed`, `last_purged`, `node_id` | the named value              |
-//! | `snapshots` | `current`                  | snapshot meta + registry state                   |
+//! | `snapshots` | `current`                  | snapshot meta + registry and policy state        |
 //!
 //! Every value is `seal(context = cf | 0x00 | key, ENCODING_V1 | bincode(value))`, so a record
 //! cannot be read after one byte changes, and cannot be moved to another key or column family.
@@ -36,11 +36,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::authz::{self, AclCommand, Action, Policy, Resource};
 use crate::crypto::{CryptoError, Sealer};
+use crate::identity::Identity;
 use crate::raft::{
     Entry, LogId, Request, Response, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, Vote,
 };
-use crate::registry::Registry;
+use crate::registry::{Command, Registry};
 
 const CF_LOGS: &str = "logs";
 const CF_META: &str = "meta";
@@ -536,6 +538,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[derive(Debug, Default, Clone)]
 pub struct SmState {
     pub registry: Registry,
+    /// The access policy, replicated with the registry and part of every snapshot.
+    pub policy: Policy,
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership,
 }
@@ -590,6 +594,7 @@ impl SharedState {
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {
     registry: Registry,
+    policy: Policy,
 }
 
 /// The stored form of the newest snapshot.
@@ -619,6 +624,7 @@ impl StateMachine {
             })?;
             state = SmState {
                 registry: body.registry,
+                policy: body.policy,
                 last_applied: snap.meta.last_log_id,
                 membership: snap.meta.last_membership,
             };
@@ -632,6 +638,37 @@ impl StateMachine {
 
     pub fn shared(&self) -> SharedState {
         self.state.clone()
+    }
+}
+
+/// A registry command, authorized against the policy at the same log position: every
+/// replica decides alike, and a permission revoked by an earlier entry is never used.
+fn apply_registry(s: &mut SmState, index: u64, cmd: &Command) -> Response {
+    match authz::check_command(&s.policy, cmd) {
+        Ok(may_override_owner) => Response::Registry(Box::new(s.registry.apply_as(
+            index,
+            cmd,
+            may_override_owner,
+        ))),
+        Err(denied) => Response::Denied(denied.to_string()),
+    }
+}
+
+/// A policy change: `admin` on the cluster is needed, except for the bootstrap, which nodes
+/// propose from their config (and which applies only to a never-changed policy).
+fn apply_acl(s: &mut SmState, cmd: &AclCommand, by: &str) -> Response {
+    let allowed = match (cmd, by.parse::<Identity>()) {
+        (AclCommand::Bootstrap(_), Ok(Identity::Node(_))) => Ok(()),
+        (_, Ok(who)) => s.policy.authorize(&who, Action::Admin, Resource::Cluster),
+        (_, Err(_)) => Err(authz::Denied {
+            identity: format!("{by:?}"),
+            action: Action::Admin,
+            resource: Resource::Cluster.to_string(),
+        }),
+    };
+    match allowed {
+        Ok(()) => Response::Acl(s.policy.apply(cmd)),
+        Err(denied) => Response::Denied(denied.to_string()),
     }
 }
 
@@ -657,6 +694,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 meta,
                 encode(&SnapshotBody {
                     registry: s.registry.clone(),
+                    policy: s.policy.clone(),
                 }),
             )
         };
@@ -700,8 +738,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 match entry.payload {
                     EntryPayload::Blank => Response::None,
                     EntryPayload::Normal(Request::Registry(cmd)) => {
-                        Response::Registry(Box::new(s.registry.apply(entry.log_id.index, &cmd)))
+                        apply_registry(&mut s, entry.log_id.index, &cmd)
                     }
+                    EntryPayload::Normal(Request::Acl { cmd, by }) => apply_acl(&mut s, &cmd, &by),
                     EntryPayload::Membership(m) => {
                         s.membership = StoredMembership::new(Some(entry.log_id), m);
                         Response::None
@@ -748,6 +787,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.store.write_synced(batch).await?;
         self.state.replace(SmState {
             registry: body.registry,
+            policy: body.policy,
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         });

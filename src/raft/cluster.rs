@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use super::leases::Leases;
 use super::network::{PeerError, Peers};
 use super::{Member, Raft, Request, Response};
+use crate::authz::{AclCommand, AclOutcome, Action, Resource};
+use crate::identity::Identity;
 use crate::registry::{Command, Health, InstanceSpec, LeaseRef, Outcome, Precondition};
 use crate::storage::SharedState;
 
@@ -36,14 +38,31 @@ pub enum WriteOp {
         id: String,
         precondition: Precondition,
     },
+    /// A policy change (roles, bindings, bootstrap).
+    Acl(AclCommand),
 }
 
-/// The applied result of a write.
+/// The applied result of a registry write.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WriteOutcome {
     pub outcome: Outcome,
     /// Log index of the entry that carried the write.
     pub index: u64,
+}
+
+/// The applied result of a policy change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AclWriteOutcome {
+    pub outcome: AclOutcome,
+    /// Log index of the entry that carried the change.
+    pub index: u64,
+}
+
+/// What the state machine answered for any proposed request (travels between nodes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Submitted {
+    response: Response,
+    index: u64,
 }
 
 /// The result of a lease renewal.
@@ -73,6 +92,9 @@ pub enum ClusterError {
     /// A conflicting operation is in progress (e.g. another membership change).
     #[error("conflict: {reason}")]
     Conflict { reason: String },
+    /// The caller may not do this (decided by the leader's policy or ownership check).
+    #[error("forbidden: {reason}")]
+    Forbidden { reason: String },
 }
 
 /// Timing knobs for the facade.
@@ -82,6 +104,8 @@ pub struct ClusterSettings {
     pub request_timeout: Duration,
     pub lease_check_interval: Duration,
     pub reap_after: Duration,
+    /// The SPIFFE trust domain, to read peer node certificates.
+    pub trust_domain: String,
 }
 
 /// One member in [`ClusterStatus`].
@@ -111,7 +135,7 @@ pub struct ClusterStatus {
     pub applied_index: u64,
     pub last_log_index: u64,
     pub snapshot_index: u64,
-    /// SHA-256 of the encoded registry at `digest_index`: replicas that applied the same log
+    /// SHA-256 of the encoded registry and policy at `digest_index`: replicas that applied the same log
     /// report the same digest (the state machine is deterministic).
     pub state_digest: String,
     pub digest_index: u64,
@@ -197,6 +221,17 @@ impl Cluster {
         &self.inner.state
     }
 
+    pub fn trust_domain(&self) -> &str {
+        &self.inner.settings.trust_domain
+    }
+
+    /// Whether `id` is in the current membership (voter or learner).
+    pub fn is_member(&self, id: u64) -> bool {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow_watched();
+        m.membership_config.membership().get_node(&id).is_some()
+    }
+
     pub fn request_timeout(&self) -> Duration {
         self.inner.settings.request_timeout
     }
@@ -260,8 +295,37 @@ impl Cluster {
 
     // ---- writes ----
 
-    /// Executes a write on the leader, forwarding it if needed, and returns the applied outcome.
+    /// Executes a registry write on the leader, forwarding it if needed, and returns the
+    /// applied outcome. `caller` is the authenticated identity; the state machine checks its
+    /// permission again at the entry's log position.
     pub async fn write(&self, op: WriteOp, caller: &str) -> Result<WriteOutcome, ClusterError> {
+        let s = self.submit(op, caller).await?;
+        match s.response {
+            Response::Registry(outcome) => Ok(WriteOutcome {
+                outcome: *outcome,
+                index: s.index,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Executes a policy change on the leader (forwarded if needed).
+    pub async fn acl_write(
+        &self,
+        cmd: AclCommand,
+        caller: &str,
+    ) -> Result<AclWriteOutcome, ClusterError> {
+        let s = self.submit(WriteOp::Acl(cmd), caller).await?;
+        match s.response {
+            Response::Acl(outcome) => Ok(AclWriteOutcome {
+                outcome,
+                index: s.index,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn submit(&self, op: WriteOp, caller: &str) -> Result<Submitted, ClusterError> {
         let deadline = self.deadline();
         loop {
             let (leader, node) = self.leader_by(deadline).await?;
@@ -291,49 +355,70 @@ impl Cluster {
         op: WriteOp,
         caller: &str,
         deadline: Instant,
-    ) -> Result<WriteOutcome, ClusterError> {
+    ) -> Result<Submitted, ClusterError> {
         let now_ms = now_ms();
-        let cmd = match op {
+        let req = match op {
             WriteOp::Register {
                 service,
                 id,
                 spec,
                 precondition,
-            } => Command::Register {
+            } => Request::Registry(Command::Register {
                 service,
                 id,
                 spec,
                 owner: caller.to_string(),
                 precondition,
                 now_ms,
-            },
+            }),
             WriteOp::Deregister {
                 service,
                 id,
                 precondition,
-            } => Command::Deregister {
+            } => Request::Registry(Command::Deregister {
                 service,
                 id,
                 precondition,
                 now_ms,
+                by: caller.to_string(),
+            }),
+            WriteOp::Acl(cmd) => Request::Acl {
+                cmd,
+                by: caller.to_string(),
             },
         };
-        self.propose(cmd, deadline).await
+        self.propose_request(req, deadline).await
     }
 
+    /// Proposes a registry command of the leader's own (lease expiry, revival).
     async fn propose(&self, cmd: Command, deadline: Instant) -> Result<WriteOutcome, ClusterError> {
-        let fut = self.inner.raft.client_write(Request::Registry(cmd));
+        let s = self
+            .propose_request(Request::Registry(cmd), deadline)
+            .await?;
+        match s.response {
+            Response::Registry(outcome) => Ok(WriteOutcome {
+                outcome: *outcome,
+                index: s.index,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn propose_request(
+        &self,
+        req: Request,
+        deadline: Instant,
+    ) -> Result<Submitted, ClusterError> {
+        let fut = self.inner.raft.client_write(req);
         match tokio::time::timeout(remaining(deadline), fut).await {
             Err(_) => Err(ClusterError::NoQuorum {
                 reason: "write not committed within the request timeout".into(),
             }),
             Ok(Ok(resp)) => match resp.data {
-                Response::Registry(outcome) => Ok(WriteOutcome {
-                    outcome: *outcome,
+                Response::Denied(reason) => Err(ClusterError::Forbidden { reason }),
+                response => Ok(Submitted {
+                    response,
                     index: resp.log_id.index,
-                }),
-                Response::None => Err(ClusterError::Unavailable {
-                    reason: "unexpected empty response".into(),
                 }),
             },
             Ok(Err(e)) => Err(write_error(e)),
@@ -439,7 +524,7 @@ impl Cluster {
         loop {
             let (leader, node) = self.leader_by(deadline).await?;
             let res = if leader == self.inner.id {
-                self.heartbeat_local(service, id, deadline).await
+                self.heartbeat_local(service, id, caller, deadline).await
             } else {
                 let req = ForwardedHeartbeat {
                     caller: caller.to_string(),
@@ -463,6 +548,7 @@ impl Cluster {
         &self,
         service: &str,
         id: &str,
+        caller: &str,
         deadline: Instant,
     ) -> Result<HeartbeatOutcome, ClusterError> {
         let Some(term) = self.leader_term() else {
@@ -470,15 +556,30 @@ impl Cluster {
                 leader: self.leader().map(|l| l.0),
             });
         };
-        // The leader's applied state holds every acknowledged registration (client_write
-        // returns after apply on the leader), so a lookup here is current.
-        let inst = self
-            .inner
-            .state
-            .read()
-            .registry
-            .instance(service, id)
-            .cloned();
+        // The leader's applied state holds every acknowledged registration and policy change
+        // (client_write returns after apply on the leader), so these checks are current.
+        // Renewals are not logged, so the leader is where they are authorized.
+        let inst = {
+            let s = self.inner.state.read();
+            let who: Identity = caller.parse().map_err(|_| ClusterError::Forbidden {
+                reason: format!("{caller:?} is not an identity"),
+            })?;
+            let resource = Resource::Service(service);
+            s.policy
+                .authorize(&who, Action::Heartbeat, resource)
+                .map_err(|d| ClusterError::Forbidden {
+                    reason: d.to_string(),
+                })?;
+            let inst = s.registry.instance(service, id).cloned();
+            if let Some(i) = &inst {
+                if i.registered_by != caller && !s.policy.allows(&who, Action::Admin, resource) {
+                    return Err(ClusterError::Forbidden {
+                        reason: not_owner(service, id, &i.registered_by),
+                    });
+                }
+            }
+            inst
+        };
         let Some(inst) = inst else {
             return Err(ClusterError::NotFound {
                 what: format!("instance {service}/{id}"),
@@ -758,7 +859,7 @@ impl Cluster {
     pub async fn status(&self) -> ClusterStatus {
         let (digest_index, state_digest) = {
             let s = self.inner.state.read();
-            let bytes = crate::storage::encode(&s.registry);
+            let bytes = crate::storage::encode(&(&s.registry, &s.policy));
             let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
             (
                 s.last_applied.map_or(0, |l| l.index),
@@ -871,6 +972,20 @@ fn write_error(
         RaftError::Fatal(e) => ClusterError::Unavailable {
             reason: format!("raft stopped: {e}"),
         },
+    }
+}
+
+/// Why a caller other than the owner may not change an instance.
+pub fn not_owner(service: &str, id: &str, owner: &str) -> String {
+    format!(
+        "instance {service}/{id} is registered by {owner}; only that identity or an admin of service {service:?} may change it"
+    )
+}
+
+fn unexpected(r: &Response) -> ClusterError {
+    tracing::error!(response = ?r, "state machine answered with an unexpected response kind");
+    ClusterError::Unavailable {
+        reason: "unexpected response from the state machine".into(),
     }
 }
 

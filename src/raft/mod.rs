@@ -11,11 +11,12 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::authz::{AclCommand, AclOutcome};
 use crate::registry::{Command, Outcome};
 
 pub use cluster::{
-    Cluster, ClusterError, ClusterSettings, ClusterStatus, HeartbeatOutcome, MemberStatus, WriteOp,
-    WriteOutcome,
+    not_owner, AclWriteOutcome, Cluster, ClusterError, ClusterSettings, ClusterStatus,
+    HeartbeatOutcome, MemberStatus, WriteOp, WriteOutcome,
 };
 pub use network::{NetworkFactory, PeerError, Peers};
 pub use rpc::{router as rpc_router, Probe};
@@ -39,13 +40,18 @@ pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<Typ
 /// A replicated request: the application data of a log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
+    /// A registry command; its caller (in the command) is authorized at apply time.
     Registry(Command),
+    /// A policy change by `by` (an identity in `kind/name` form), authorized at apply time:
+    /// `admin` on the cluster, or a node for the bootstrap.
+    Acl { cmd: AclCommand, by: String },
 }
 
 impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Request::Registry(c) => write!(f, "registry:{c}"),
+            Request::Acl { cmd, by } => write!(f, "acl:{cmd} by {by}"),
         }
     }
 }
@@ -55,6 +61,9 @@ impl fmt::Display for Request {
 pub enum Response {
     None,
     Registry(Box<Outcome>),
+    Acl(AclOutcome),
+    /// The policy at this log position does not let the caller do this; nothing changed.
+    Denied(String),
 }
 
 /// A cluster member as openraft stores it in the membership config.

@@ -4,17 +4,22 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use axum::Extension;
 use axum::Router;
+use axum_server::tls::TlsInfo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::cluster::{ClusterError, Forwarded, ForwardedHeartbeat, ForwardedMember};
 use super::{Cluster, SnapshotMeta, Vote};
+use crate::identity::Identity;
 use crate::storage::{decode, encode};
 
 /// The largest body the raft listener accepts (snapshots travel in one body).
@@ -59,6 +64,24 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Undecodable> {
         tracing::warn!(error = %e, "undecodable internal request");
         Undecodable
     })
+}
+
+/// The handshake admitted a node certificate of our trust domain; requests that speak for a
+/// caller (writes, renewals, membership changes) must also come from a current member, so a
+/// removed node's certificate cannot be used to act on anyone's behalf.
+fn from_member(c: &Cluster, tls: Option<Extension<Arc<TlsInfo>>>) -> Result<(), Response> {
+    let refuse = |why: String| {
+        tracing::warn!(reason = %why, "refused a forwarded request");
+        Err((StatusCode::FORBIDDEN, why).into_response())
+    };
+    let Some(Extension(tls)) = tls else {
+        return refuse("no TLS session".into());
+    };
+    match crate::tls::peer_identity(&tls.peer_certificates, c.trust_domain()) {
+        Ok(Identity::Node(id)) if c.is_member(id) => Ok(()),
+        Ok(identity) => refuse(format!("{identity} is not a member of this cluster")),
+        Err(e) => refuse(e.to_string()),
+    }
 }
 
 fn budget(ms: u64, cluster: &Cluster) -> Instant {
@@ -108,7 +131,14 @@ async fn transfer_leader(State(c): State<Cluster>, body: Bytes) -> Response {
     }
 }
 
-async fn write(State(c): State<Cluster>, body: Bytes) -> Response {
+async fn write(
+    State(c): State<Cluster>,
+    tls: Option<Extension<Arc<TlsInfo>>>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = from_member(&c, tls) {
+        return r;
+    }
     let req: Forwarded = match parse(&body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -126,16 +156,33 @@ async fn read_index(State(c): State<Cluster>, body: Bytes) -> Response {
     reply(&c.read_index_local(budget(budget_ms, &c)).await)
 }
 
-async fn heartbeat(State(c): State<Cluster>, body: Bytes) -> Response {
+async fn heartbeat(
+    State(c): State<Cluster>,
+    tls: Option<Extension<Arc<TlsInfo>>>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = from_member(&c, tls) {
+        return r;
+    }
     let req: ForwardedHeartbeat = match parse(&body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     let deadline = budget(req.budget_ms, &c);
-    reply(&c.heartbeat_local(&req.service, &req.id, deadline).await)
+    reply(
+        &c.heartbeat_local(&req.service, &req.id, &req.caller, deadline)
+            .await,
+    )
 }
 
-async fn members(State(c): State<Cluster>, body: Bytes) -> Response {
+async fn members(
+    State(c): State<Cluster>,
+    tls: Option<Extension<Arc<TlsInfo>>>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = from_member(&c, tls) {
+        return r;
+    }
     match parse::<ForwardedMember>(&body) {
         Ok(op) => reply(&c.membership_local(op).await),
         Err(e) => e.into_response(),

@@ -35,7 +35,10 @@ pub struct TestCluster {
     pub nodes: Vec<Node>,
     pub ca: CertAuthority,
     pub client: reqwest::Client,
+    /// Appended to every node config (tables such as `[raft]` or `[jwt]`).
     pub extra_config: String,
+    /// Appended inside every node's `[tls]` table (e.g. `client_auth = "optional"`).
+    pub tls_extra: String,
 }
 
 pub fn zone_of(i: u64, n: usize) -> String {
@@ -52,7 +55,8 @@ pub fn ip(block: u8, i: u64) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, block, 10 + i as u8))
 }
 
-fn issue(
+/// Issues a certificate for `identity` into `dir/<stem>.pem` and `dir/<stem>-key.pem`.
+pub fn issue(
     ca: &CertAuthority,
     dir: &Path,
     stem: &str,
@@ -96,6 +100,22 @@ impl TestCluster {
     }
 
     pub fn create(n: usize, extra: &str) -> TestCluster {
+        Self::create_with_tls(n, extra, "")
+    }
+
+    /// Like [`TestCluster::start`], with `tls_extra` added to every node's `[tls]` table.
+    pub async fn start_with_tls(n: usize, extra: &str, tls_extra: &str) -> TestCluster {
+        let mut c = Self::create_with_tls(n, extra, tls_extra);
+        for i in 0..n {
+            c.spawn(i);
+        }
+        c.wait_leader(Duration::from_secs(30)).await;
+        c
+    }
+
+    /// Creates the files of an `n`-node cluster (nothing started). Every node bootstraps the
+    /// `cairn dev` example policy (`operator/admin` is admin; services manage themselves).
+    pub fn create_with_tls(n: usize, extra: &str, tls_extra: &str) -> TestCluster {
         let block = NEXT_BLOCK.fetch_add(1, Ordering::SeqCst);
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertAuthority::generate(TD, Validity::days(2)).expect("ca");
@@ -110,6 +130,7 @@ impl TestCluster {
             Identity::Operator("admin".into()),
             vec![],
         );
+        std::fs::write(dir.path().join("policy.toml"), cairn::dev::DEV_POLICY).expect("policy");
         let client = client_for(dir.path(), "admin");
         let mut c = TestCluster {
             dir,
@@ -117,6 +138,7 @@ impl TestCluster {
             ca,
             client,
             extra_config: extra.to_string(),
+            tls_extra: tls_extra.to_string(),
         };
         for i in 1..=n as u64 {
             c.add_node_files(block, i, n);
@@ -170,12 +192,14 @@ impl TestCluster {
                 String::new()
             };
             let cfg = format!(
-                "node_id = {i}\nzone = \"{zone}\"\ndata_dir = \"{data}\"\ntrust_domain = \"{TD}\"\nkeyring = \"{d}/keyring.json\"\nlog = \"info\"\n{extra}\n\
-                 [listen]\napi = \"{api}\"\nraft = \"{raft}\"\n\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/node{i}.pem\"\nkey = \"{d}/node{i}-key.pem\"\n{members}{own}",
+                "node_id = {i}\nzone = \"{zone}\"\ndata_dir = \"{data}\"\ntrust_domain = \"{TD}\"\nkeyring = \"{d}/keyring.json\"\nlog = \"info\"\n\n\
+                 [listen]\napi = \"{api}\"\nraft = \"{raft}\"\n\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/node{i}.pem\"\nkey = \"{d}/node{i}-key.pem\"\n{tls_extra}\n\n\
+                 [acl]\npolicy_file = \"{d}/policy.toml\"\n{members}{own}\n{extra}\n",
                 zone = node.zone,
                 data = node.data_dir.display(),
                 d = d.display(),
                 extra = self.extra_config,
+                tls_extra = self.tls_extra,
                 api = node.api,
                 raft = node.raft,
             );
