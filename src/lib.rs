@@ -32,6 +32,7 @@ pub mod identity;
 pub mod node;
 pub mod raft;
 pub mod registry;
+pub mod reload;
 pub mod storage;
 pub mod tls;
 pub mod token;

@@ -17,11 +17,13 @@ use tracing::Instrument;
 
 use crate::api::{self, ApiState};
 use crate::authz::{AclCommand, PolicyFile};
+use crate::config::ClientAuth as ClientAuthMode;
 use crate::config::Config;
 use crate::crypto::{Keyring, Sealer};
 use crate::raft::{rpc_router, Cluster, ClusterSettings, Member, NetworkFactory, Peers, Raft};
+use crate::reload;
 use crate::storage::{LogStore, StateMachine, Store};
-use crate::tls::{self, TlsFiles};
+use crate::tls::{self, ClientAuth, TlsFiles, TlsMaterial};
 use crate::token::{TokenSettings, TokenVerifier};
 
 /// How long in-flight requests get to finish at shutdown.
@@ -116,21 +118,36 @@ async fn serve(
     let sm = StateMachine::open(store.clone()).context("loading the newest snapshot")?;
     let state = sm.shared();
 
-    // TLS: both listeners require client certificates of the cluster CA; the raft listener
-    // admits node identities only. Peer connections bind this node's own address.
+    // TLS: the raft listener admits node certificates of the cluster CA only; the API listener
+    // demands a client certificate of the CA (or, in `optional` mode, accepts TLS without one
+    // and then needs a token). Peer connections bind this node's own address. All of them
+    // follow `material`, which the watcher reloads when the files change.
     let files = TlsFiles {
         ca: cfg.tls.ca.clone(),
         cert: cfg.tls.cert.clone(),
         key: cfg.tls.key.clone(),
     };
-    let api_tls = tls::api_server_config(&files).context("API TLS config")?;
-    let raft_tls = tls::raft_server_config(&files, &cfg.trust_domain).context("raft TLS config")?;
-    let peer_client = tls::peer_client(
-        &files,
-        cfg.listen.raft.ip(),
-        Duration::from_millis(cfg.limits.request_timeout_ms),
-    )
-    .context("peer client")?;
+    let material = TlsMaterial::load(files, &cfg.trust_domain).context("TLS material")?;
+    if material.identity() != &crate::identity::Identity::Node(id) {
+        anyhow::bail!(
+            "tls.cert names {}, but this is node {id}",
+            material.identity()
+        );
+    }
+    let client_auth = match cfg.tls.client_auth {
+        ClientAuthMode::Required => ClientAuth::Required,
+        ClientAuthMode::Optional => ClientAuth::Optional,
+    };
+    let api_tls = material
+        .api_server_config(client_auth)
+        .context("API TLS config")?;
+    let raft_tls = material.raft_server_config().context("raft TLS config")?;
+    let peer_client = material
+        .peer_client(
+            cfg.listen.raft.ip(),
+            Duration::from_millis(cfg.limits.request_timeout_ms),
+        )
+        .context("peer client")?;
     let peers = Peers::new(peer_client);
 
     let raft = Raft::new(
@@ -153,6 +170,7 @@ async fn serve(
             reap_after: Duration::from_secs(cfg.leases.reap_after_seconds),
             trust_domain: cfg.trust_domain.clone(),
         },
+        material.clone(),
     );
 
     let raft_listener = match listeners.raft {
@@ -190,6 +208,40 @@ async fn serve(
         peers,
         stop_rx.clone(),
     ));
+    let tls_watcher = reload::spawn_watcher(
+        "tls",
+        material.files().paths(),
+        cfg.tls.reload_interval(),
+        {
+            let m = material.clone();
+            move || {
+                m.reload()
+                    .map(|o| o.to_string())
+                    .map_err(|e| tls::error_chain(&e))
+            }
+        },
+        stop_rx.clone(),
+    );
+    let jwks_watcher = tokens.as_ref().map(|t| {
+        let t = t.clone();
+        let path = cfg
+            .jwt
+            .as_ref()
+            .map(|j| j.jwks.clone())
+            .into_iter()
+            .collect();
+        reload::spawn_watcher(
+            "jwks",
+            path,
+            cfg.tls.reload_interval(),
+            move || {
+                t.reload()
+                    .map(|n| format!("{n} keys"))
+                    .map_err(|e| e.to_string())
+            },
+            stop_rx.clone(),
+        )
+    });
     let bootstrap_task = tokio::spawn(bootstrap_policy(
         cluster.clone(),
         policy,
@@ -211,6 +263,10 @@ async fn serve(
     let _ = stop_tx.send(true);
     let _ = form_task.await;
     let _ = bootstrap_task.await;
+    let _ = tls_watcher.await;
+    if let Some(w) = jwks_watcher {
+        let _ = w.await;
+    }
     let _ = lease_task.await;
     api_handle.graceful_shutdown(Some(DRAIN));
     if !api_task.is_finished() {

@@ -88,9 +88,9 @@ pub enum TokenError {
     Expired,
     #[error("the token is not valid yet (nbf or iat is in the future)")]
     NotYetValid,
-    #[error("the token's iss is not the issuer this cluster trusts")]
+    #[error("wrong issuer: the token's iss is not the issuer this cluster trusts")]
     WrongIssuer,
-    #[error("the token's aud does not contain {expected:?}")]
+    #[error("wrong audience: the token's aud does not contain {expected:?}")]
     WrongAudience { expected: String },
     #[error("the token has no {claim:?} claim")]
     MissingClaim { claim: String },

@@ -23,6 +23,7 @@ use crate::authz::{AclCommand, AclOutcome, Action, Resource};
 use crate::identity::Identity;
 use crate::registry::{Command, Health, InstanceSpec, LeaseRef, Outcome, Precondition};
 use crate::storage::SharedState;
+use crate::tls::{CertValidity, TlsMaterial};
 
 /// A write as the API receives it; the leader turns it into a [`Command`] stamped with its clock.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,6 +122,9 @@ pub struct MemberStatus {
     pub last_contact_ms: Option<u64>,
     /// Highest log index known replicated to it (leader's view).
     pub match_index: Option<u64>,
+    /// The member's certificate and trusted CAs with their remaining validity, as the
+    /// member itself reports them (absent if it did not answer in time).
+    pub tls: Option<CertValidity>,
 }
 
 /// `GET /v1/cluster/status`.
@@ -156,6 +160,8 @@ struct Inner {
     peers: Peers,
     leases: Leases,
     settings: ClusterSettings,
+    /// This node's certificate material (its validity is reported in the status).
+    tls: TlsMaterial,
     /// When this node last received an append-entries from a leader.
     last_leader_contact: Mutex<Option<Instant>>,
 }
@@ -194,6 +200,7 @@ impl Cluster {
         state: SharedState,
         peers: Peers,
         settings: ClusterSettings,
+        tls: TlsMaterial,
     ) -> Cluster {
         Cluster {
             inner: Arc::new(Inner {
@@ -203,6 +210,7 @@ impl Cluster {
                 peers,
                 leases: Leases::default(),
                 settings,
+                tls,
                 last_leader_contact: Mutex::new(None),
             }),
         }
@@ -886,6 +894,7 @@ impl Cluster {
                     .to_string(),
                     last_contact_ms: None,
                     match_index: None,
+                    tls: None,
                 })
                 .collect();
             let leader_node = m
@@ -931,7 +940,31 @@ impl Cluster {
                 m.match_index = view.match_index.get(&m.id).copied().flatten();
             }
         }
+        // Each member reports its own certificate validity; ask them all at once.
+        let probes = status.members.iter().map(|m| {
+            let (id, raft) = (m.id, m.raft.clone());
+            async move {
+                if id == self.inner.id {
+                    return Some(self.inner.tls.validity());
+                }
+                let probe: Result<super::Probe, _> = self
+                    .inner
+                    .peers
+                    .call(&raft, "/internal/probe", &(), Duration::from_secs(1))
+                    .await;
+                probe.ok().and_then(|p| p.tls)
+            }
+        });
+        let validities = futures::future::join_all(probes).await;
+        for (m, v) in status.members.iter_mut().zip(validities) {
+            m.tls = v;
+        }
         status
+    }
+
+    /// This node's certificate validity.
+    pub fn tls_validity(&self) -> CertValidity {
+        self.inner.tls.validity()
     }
 }
 

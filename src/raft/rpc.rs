@@ -1,5 +1,5 @@
 //! Routes of the internal raft listener. Only node certificates get through its TLS handshake
-//! (see `tls::raft_server_config`), so every caller here is a cluster node: openraft RPCs, and
+//! (see `tls::TlsMaterial::raft_server_config`), so every caller here is a cluster node: openraft RPCs, and
 //! cairn's forwarded writes, read-index requests, lease renewals and membership changes.
 
 use std::time::{Duration, Instant};
@@ -202,6 +202,7 @@ async fn probe(State(c): State<Cluster>) -> Response {
     reply(&Probe {
         node_id: c.id(),
         initialized,
+        tls: Some(c.tls_validity()),
     })
 }
 
@@ -210,4 +211,6 @@ async fn probe(State(c): State<Cluster>) -> Response {
 pub struct Probe {
     pub node_id: u64,
     pub initialized: bool,
+    /// The node's own certificate validity (for the cluster status).
+    pub tls: Option<crate::tls::CertValidity>,
 }
