@@ -513,7 +513,7 @@ async fn tls_refuses_strangers_and_service_certs_on_the_raft_port() {
             "{who} certificate must be refused on the raft port: {res:?}"
         );
     }
-    // A service certificate may use the public API (authorization comes with its own issue).
+    // A service certificate may use the public API, within its policy (web discovers all).
     let r = svc
         .get(c.url(1, "/v1/services"))
         .send()

@@ -66,13 +66,22 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Undecodable> {
     })
 }
 
+/// A forwarded request from a node that is not a member (or not a node at all).
+struct NotMember(String);
+
+impl IntoResponse for NotMember {
+    fn into_response(self) -> Response {
+        (StatusCode::FORBIDDEN, self.0).into_response()
+    }
+}
+
 /// The handshake admitted a node certificate of our trust domain; requests that speak for a
 /// caller (writes, renewals, membership changes) must also come from a current member, so a
 /// removed node's certificate cannot be used to act on anyone's behalf.
-fn from_member(c: &Cluster, tls: Option<Extension<Arc<TlsInfo>>>) -> Result<(), Response> {
+fn from_member(c: &Cluster, tls: Option<Extension<Arc<TlsInfo>>>) -> Result<(), NotMember> {
     let refuse = |why: String| {
         tracing::warn!(reason = %why, "refused a forwarded request");
-        Err((StatusCode::FORBIDDEN, why).into_response())
+        Err(NotMember(why))
     };
     let Some(Extension(tls)) = tls else {
         return refuse("no TLS session".into());
@@ -137,7 +146,7 @@ async fn write(
     body: Bytes,
 ) -> Response {
     if let Err(r) = from_member(&c, tls) {
-        return r;
+        return r.into_response();
     }
     let req: Forwarded = match parse(&body) {
         Ok(r) => r,
@@ -162,7 +171,7 @@ async fn heartbeat(
     body: Bytes,
 ) -> Response {
     if let Err(r) = from_member(&c, tls) {
-        return r;
+        return r.into_response();
     }
     let req: ForwardedHeartbeat = match parse(&body) {
         Ok(r) => r,
@@ -181,7 +190,7 @@ async fn members(
     body: Bytes,
 ) -> Response {
     if let Err(r) = from_member(&c, tls) {
-        return r;
+        return r.into_response();
     }
     match parse::<ForwardedMember>(&body) {
         Ok(op) => reply(&c.membership_local(op).await),
