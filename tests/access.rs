@@ -84,13 +84,17 @@ async fn a_service_manages_only_its_own_instances_and_sees_only_its_scope() {
 
     // An instance of its own service that another identity registered: api may deregister
     // instances of `api`, but not this one.
+    let mut leased = instance("10.0.0.9", 81);
+    leased["ttl_seconds"] = json!(60);
     let (s, _) = send(
         c.client
             .put(c.url(0, "/v1/services/api/instances/by-admin"))
-            .json(&instance("10.0.0.9", 81)),
+            .json(&leased),
     )
     .await;
     assert_eq!(s, StatusCode::CREATED);
+    let got = send(api.put(c.url(2, "/v1/services/api/instances/by-admin/heartbeat"))).await;
+    assert_problem(&got, 403, "forbidden", "registered by operator/admin");
     let got = send(api.delete(c.url(1, "/v1/services/api/instances/by-admin"))).await;
     assert_problem(&got, 403, "forbidden", "registered by operator/admin");
     let got = send(put(&api, 2, "api", "by-admin")).await;
@@ -507,7 +511,11 @@ async fn token_cluster() -> (TestCluster, SigningKey) {
     let jwt = format!(
         "[jwt]\njwks = \"jwks.json\"\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\nleeway_seconds = 5\n"
     );
-    let mut c = TestCluster::create_with_tls(1, &jwt, "client_auth = \"optional\"");
+    let mut c = TestCluster::create_with_tls(
+        1,
+        &jwt,
+        "client_auth = \"optional\"\nreload_interval_ms = 200",
+    );
     let jwks = json!({"keys": [key.jwk()]});
     std::fs::write(c.dir.path().join("jwks.json"), jwks.to_string()).expect("jwks");
     c.spawn(0);
@@ -551,6 +559,25 @@ async fn a_valid_token_authenticates_without_a_client_certificate() {
     // With neither a certificate nor a token: 401, saying what is missing.
     let got = send(client.get(c.url(0, "/v1/services"))).await;
     assert_problem(&got, 401, "unauthenticated", "no credential");
+
+    // The issuer rotates its signing key: the JWKS file is replaced, and the node follows
+    // without a restart (old tokens stop working, new ones work).
+    let next = SigningKey::new("idp-2");
+    let jwks = json!({"keys": [next.jwk()]});
+    let path = c.dir.path().join("jwks.json");
+    std::fs::write(path.with_extension("tmp"), jwks.to_string()).expect("jwks");
+    std::fs::rename(path.with_extension("tmp"), &path).expect("replace jwks");
+    let new_token = next.sign(&claims("service/api"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while with_token(&c, &client, &new_token).await.0 != StatusCode::OK {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new JWKS was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = with_token(&c, &client, &key.sign(&claims("service/api"))).await;
+    assert_problem(&got, 401, "unauthenticated", "idp-1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
