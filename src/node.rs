@@ -242,7 +242,7 @@ async fn serve(
             stop_rx.clone(),
         )
     });
-    let bootstrap_task = tokio::spawn(bootstrap_policy(
+    let bootstrap_task = tokio::spawn(bootstrap_cluster(
         cluster.clone(),
         policy,
         cfg.node_id,
@@ -309,37 +309,48 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data_dir {}", dir.display()))
 }
 
-/// Proposes the configured policy file until the cluster has a policy. Every node with a
-/// policy file does this; the state machine applies the first bootstrap and ignores the rest,
-/// and never one after an operator has changed the policy.
-async fn bootstrap_policy(
+/// Settles what a new cluster needs once it has a leader: a cluster id (a random name, so
+/// backups can tell clusters apart) and the configured policy. Every node does this; the
+/// state machine applies the first proposal of each and ignores the rest, and never applies
+/// a bootstrap after an operator has changed the policy.
+async fn bootstrap_cluster(
     cluster: Cluster,
     policy: Option<PolicyFile>,
     node_id: u64,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some(policy) = policy else {
-        if !cluster.state().read().policy.is_bootstrapped() {
-            tracing::warn!("no acl.policy_file and no policy in the cluster yet: every request is denied until a node starts with one");
-        }
-        return;
-    };
+    if policy.is_none() && !cluster.state().read().policy.is_bootstrapped() {
+        tracing::warn!("no acl.policy_file and no policy in the cluster yet: every request is denied until a node starts with one");
+    }
     let by = crate::identity::Identity::Node(node_id).to_string();
     loop {
-        if cluster.state().read().policy.is_bootstrapped() {
+        let (has_id, has_policy) = {
+            let s = cluster.state().read();
+            (s.cluster_id.is_some(), s.policy.is_bootstrapped())
+        };
+        let policy_due = policy.as_ref().filter(|_| !has_policy);
+        if has_id && policy_due.is_none() {
             return;
         }
         if cluster.leader().is_some() {
-            match cluster
-                .acl_write(AclCommand::Bootstrap(policy.clone()), &by)
-                .await
-            {
-                Ok(res) => {
-                    tracing::info!(outcome = ?res.outcome, index = res.index, "policy bootstrap proposed");
-                    return;
+            if !has_id {
+                let id = hex::encode(rand::random::<[u8; 16]>());
+                match cluster.set_cluster_id(id, &by).await {
+                    Ok(()) => {}
+                    Err(e) => tracing::debug!(error = %e, "cluster id not yet proposed; retrying"),
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "policy bootstrap not yet possible; retrying")
+            }
+            if let Some(p) = policy_due {
+                match cluster
+                    .acl_write(AclCommand::Bootstrap(p.clone()), &by)
+                    .await
+                {
+                    Ok(res) => {
+                        tracing::info!(outcome = ?res.outcome, index = res.index, "policy bootstrap proposed")
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "policy bootstrap not yet possible; retrying")
+                    }
                 }
             }
         }

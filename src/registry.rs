@@ -766,6 +766,56 @@ impl Registry {
         entry
     }
 
+    /// Replaces the whole registry by `restored` (a backup), as the log entry at `index`.
+    ///
+    /// Indices only move forward, so watchers see the change: every instance's
+    /// `modify_index`, every service's index (those removed by the restore stay as
+    /// tombstones) and the registry's index become `index`; `create_index` is kept unless it
+    /// would exceed `index`. `updated_at_ms` becomes the proposer's `now_ms`, so restored
+    /// leases and reap timers start afresh (the leader's lease table keys deadlines by
+    /// `modify_index`, so each lease gets a full TTL). Pure, like [`Registry::apply`].
+    pub fn restore(&mut self, index: u64, restored: &Registry, now_ms: u64) {
+        let mut services: BTreeMap<String, ServiceEntry> = BTreeMap::new();
+        for name in self.services.keys() {
+            services.insert(
+                name.clone(),
+                ServiceEntry {
+                    instances: BTreeMap::new(),
+                    index,
+                },
+            );
+        }
+        for (name, entry) in &restored.services {
+            let instances = entry
+                .instances
+                .iter()
+                .map(|(id, inst)| {
+                    let mut inst = inst.clone();
+                    inst.modify_index = index;
+                    inst.create_index = inst.create_index.min(index);
+                    inst.updated_at_ms = now_ms;
+                    (id.clone(), inst)
+                })
+                .collect();
+            services.insert(name.clone(), ServiceEntry { instances, index });
+        }
+        self.services = services;
+        self.index = index;
+    }
+
+    /// The instances of every service, in name order (for comparing states and backups).
+    pub fn all_instances(&self) -> impl Iterator<Item = &Instance> {
+        self.services.values().flat_map(|s| s.instances.values())
+    }
+
+    /// Number of services with at least one instance.
+    pub fn service_count(&self) -> usize {
+        self.services
+            .values()
+            .filter(|s| !s.instances.is_empty())
+            .count()
+    }
+
     /// Log index of the last change to any service (`X-Cairn-Index`); 0 if none yet.
     pub fn index(&self) -> u64 {
         self.index
@@ -1203,6 +1253,40 @@ mod tests {
             now_ms: 3_000,
             by: "service/web".into(),
         }
+    }
+
+    #[test]
+    fn restore_replaces_everything_and_moves_every_index_forward() {
+        let mut backup = Registry::new();
+        backup.apply(3, &register("web", "w1", spec(), Precondition::None));
+        backup.apply(4, &register("db", "d1", spec(), Precondition::None));
+        let mut r = Registry::new();
+        r.apply(1, &register("web", "w9", spec(), Precondition::None));
+        r.apply(2, &register("cache", "c1", spec(), Precondition::None));
+        r.restore(10, &backup, 77_000);
+        assert_eq!(r.index(), 10);
+        // What the backup had, and nothing else; every index at 10 (removed services too).
+        let ids: Vec<(&str, &str)> = r
+            .all_instances()
+            .map(|i| (i.service.as_str(), i.id.as_str()))
+            .collect();
+        assert_eq!(ids, [("db", "d1"), ("web", "w1")]);
+        for svc in ["web", "db", "cache"] {
+            assert_eq!(r.service_index(svc), 10, "{svc}");
+        }
+        let w1 = r.instance("web", "w1").expect("restored");
+        assert_eq!(
+            (w1.create_index, w1.modify_index, w1.updated_at_ms),
+            (3, 10, 77_000)
+        );
+        assert_eq!(w1.registered_by, "service/web");
+        assert_eq!(r.service_count(), 2);
+        // A CAS against the backup's index no longer matches: the restore was a change.
+        let cas = register("web", "w1", spec(), Precondition::IfMatch(3));
+        assert!(matches!(
+            r.apply(11, &cas),
+            Outcome::PreconditionFailed { .. }
+        ));
     }
 
     #[test]

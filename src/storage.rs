@@ -40,7 +40,8 @@ use crate::authz::{self, AclCommand, Action, Policy, Resource};
 use crate::crypto::{CryptoError, Sealer};
 use crate::identity::Identity;
 use crate::raft::{
-    Entry, LogId, Request, Response, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, Vote,
+    BackupState, Entry, LogId, Request, Response, Snapshot, SnapshotMeta, StoredMembership,
+    TypeConfig, Vote,
 };
 use crate::registry::{Command, Registry};
 
@@ -540,6 +541,11 @@ pub struct SmState {
     pub registry: Registry,
     /// The access policy, replicated with the registry and part of every snapshot.
     pub policy: Policy,
+    /// Set once, by the first `SetClusterId` entry after the cluster forms; backups carry it
+    /// so a restore can refuse a file of another cluster.
+    pub cluster_id: Option<String>,
+    /// Whether a restore has ever been applied (so `--restore-from` runs at most once).
+    pub restored: bool,
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership,
 }
@@ -595,6 +601,8 @@ impl SharedState {
 struct SnapshotBody {
     registry: Registry,
     policy: Policy,
+    cluster_id: Option<String>,
+    restored: bool,
 }
 
 /// The stored form of the newest snapshot.
@@ -625,6 +633,8 @@ impl StateMachine {
             state = SmState {
                 registry: body.registry,
                 policy: body.policy,
+                cluster_id: body.cluster_id,
+                restored: body.restored,
                 last_applied: snap.meta.last_log_id,
                 membership: snap.meta.last_membership,
             };
@@ -672,6 +682,40 @@ fn apply_acl(s: &mut SmState, cmd: &AclCommand, by: &str) -> Response {
     }
 }
 
+/// A restore: the caller needs `snapshot` on the cluster, except a node restoring into a
+/// cluster that is still empty (`cairn server --restore-from`). Replaces registry and policy
+/// in one entry, so every replica switches at the same log position.
+fn apply_restore(
+    s: &mut SmState,
+    index: u64,
+    state: &BackupState,
+    by: &str,
+    now_ms: u64,
+    only_if_empty: bool,
+) -> Response {
+    let allowed = match by.parse::<Identity>() {
+        Ok(Identity::Node(_)) if only_if_empty => Ok(()),
+        Ok(who) => s
+            .policy
+            .authorize(&who, Action::Snapshot, Resource::Cluster),
+        Err(_) => Err(authz::Denied {
+            identity: format!("{by:?}"),
+            action: Action::Snapshot,
+            resource: Resource::Cluster.to_string(),
+        }),
+    };
+    if let Err(denied) = allowed {
+        return Response::Denied(denied.to_string());
+    }
+    if only_if_empty && (s.restored || s.registry.index() != 0) {
+        return Response::Restored { applied: false };
+    }
+    s.registry.restore(index, &state.registry, now_ms);
+    s.policy = state.policy.clone();
+    s.restored = true;
+    Response::Restored { applied: true }
+}
+
 /// Builds a snapshot from a point-in-time copy of the state (taken under the read lock, so it
 /// never mixes two applied indices), then stores it durably.
 pub struct SnapshotBuilder {
@@ -695,6 +739,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 encode(&SnapshotBody {
                     registry: s.registry.clone(),
                     policy: s.policy.clone(),
+                    cluster_id: s.cluster_id.clone(),
+                    restored: s.restored,
                 }),
             )
         };
@@ -741,6 +787,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         apply_registry(&mut s, entry.log_id.index, &cmd)
                     }
                     EntryPayload::Normal(Request::Acl { cmd, by }) => apply_acl(&mut s, &cmd, &by),
+                    EntryPayload::Normal(Request::Restore {
+                        state,
+                        by,
+                        now_ms,
+                        only_if_empty,
+                    }) => apply_restore(
+                        &mut s,
+                        entry.log_id.index,
+                        &state,
+                        &by,
+                        now_ms,
+                        only_if_empty,
+                    ),
+                    EntryPayload::Normal(Request::SetClusterId { id }) => {
+                        if s.cluster_id.is_none() {
+                            s.cluster_id = Some(id);
+                        }
+                        Response::None
+                    }
                     EntryPayload::Membership(m) => {
                         s.membership = StoredMembership::new(Some(entry.log_id), m);
                         Response::None
@@ -788,6 +853,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.state.replace(SmState {
             registry: body.registry,
             policy: body.policy,
+            cluster_id: body.cluster_id,
+            restored: body.restored,
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         });

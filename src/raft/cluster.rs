@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::leases::Leases;
 use super::network::{PeerError, Peers};
-use super::{Member, Raft, Request, Response};
+use super::{BackupState, Member, Raft, Request, Response};
 use crate::authz::{AclCommand, AclOutcome, Action, Resource};
 use crate::identity::Identity;
 use crate::registry::{Command, Health, InstanceSpec, LeaseRef, Outcome, Precondition};
@@ -41,7 +41,17 @@ pub enum WriteOp {
     },
     /// A policy change (roles, bindings, bootstrap).
     Acl(AclCommand),
+    /// Replace the registry and policy with a backup's.
+    Restore {
+        state: Box<BackupState>,
+        only_if_empty: bool,
+    },
+    /// Name the cluster (first proposal wins).
+    SetClusterId { id: String },
 }
+
+/// How long a restore may take end to end (it carries the whole state in one entry).
+pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The applied result of a registry write.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -333,8 +343,44 @@ impl Cluster {
         }
     }
 
+    /// Replaces the cluster state with `state` (a decoded backup) through the log. Returns
+    /// whether it was applied (`only_if_empty` skips a cluster that has data) and its index.
+    pub async fn restore(
+        &self,
+        state: BackupState,
+        caller: &str,
+        only_if_empty: bool,
+    ) -> Result<(bool, u64), ClusterError> {
+        let op = WriteOp::Restore {
+            state: Box::new(state),
+            only_if_empty,
+        };
+        let s = self
+            .submit_by(op, caller, Instant::now() + RESTORE_TIMEOUT)
+            .await?;
+        match s.response {
+            Response::Restored { applied } => Ok((applied, s.index)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Proposes the cluster's id; the first one applied wins.
+    pub async fn set_cluster_id(&self, id: String, caller: &str) -> Result<(), ClusterError> {
+        self.submit(WriteOp::SetClusterId { id }, caller)
+            .await
+            .map(|_| ())
+    }
+
     async fn submit(&self, op: WriteOp, caller: &str) -> Result<Submitted, ClusterError> {
-        let deadline = self.deadline();
+        self.submit_by(op, caller, self.deadline()).await
+    }
+
+    async fn submit_by(
+        &self,
+        op: WriteOp,
+        caller: &str,
+        deadline: Instant,
+    ) -> Result<Submitted, ClusterError> {
         loop {
             let (leader, node) = self.leader_by(deadline).await?;
             let res = if leader == self.inner.id {
@@ -394,6 +440,16 @@ impl Cluster {
                 cmd,
                 by: caller.to_string(),
             },
+            WriteOp::Restore {
+                state,
+                only_if_empty,
+            } => Request::Restore {
+                state,
+                by: caller.to_string(),
+                now_ms,
+                only_if_empty,
+            },
+            WriteOp::SetClusterId { id } => Request::SetClusterId { id },
         };
         self.propose_request(req, deadline).await
     }

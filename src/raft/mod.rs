@@ -11,8 +11,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::authz::{AclCommand, AclOutcome};
-use crate::registry::{Command, Outcome};
+use crate::authz::{AclCommand, AclOutcome, Policy};
+use crate::registry::{Command, Outcome, Registry};
 
 pub use cluster::{
     not_owner, AclWriteOutcome, Cluster, ClusterError, ClusterSettings, ClusterStatus,
@@ -45,6 +45,25 @@ pub enum Request {
     /// A policy change by `by` (an identity in `kind/name` form), authorized at apply time:
     /// `admin` on the cluster, or a node for the bootstrap.
     Acl { cmd: AclCommand, by: String },
+    /// Replaces the registry and the policy with a backup's, authorized at apply time
+    /// (`snapshot` on the cluster; a node only with `only_if_empty`, for `--restore-from`).
+    Restore {
+        state: Box<BackupState>,
+        by: String,
+        /// Proposer's clock: restored leases and reap timers start from it.
+        now_ms: u64,
+        /// Apply only to a cluster that has never held an instance nor been restored.
+        only_if_empty: bool,
+    },
+    /// Names the cluster once, right after it forms; later proposals change nothing.
+    SetClusterId { id: String },
+}
+
+/// The replicated state a backup carries and a restore installs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupState {
+    pub registry: Registry,
+    pub policy: Policy,
 }
 
 impl fmt::Display for Request {
@@ -52,6 +71,12 @@ impl fmt::Display for Request {
         match self {
             Request::Registry(c) => write!(f, "registry:{c}"),
             Request::Acl { cmd, by } => write!(f, "acl:{cmd} by {by}"),
+            Request::Restore { state, by, .. } => write!(
+                f,
+                "restore ({} instances) by {by}",
+                state.registry.instance_count()
+            ),
+            Request::SetClusterId { id } => write!(f, "set-cluster-id {id}"),
         }
     }
 }
@@ -62,6 +87,10 @@ pub enum Response {
     None,
     Registry(Box<Outcome>),
     Acl(AclOutcome),
+    /// `applied` is false when `only_if_empty` found a cluster with data.
+    Restored {
+        applied: bool,
+    },
     /// The policy at this log position does not let the caller do this; nothing changed.
     Denied(String),
 }

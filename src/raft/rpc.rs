@@ -93,8 +93,13 @@ fn from_member(c: &Cluster, tls: Option<Extension<Arc<TlsInfo>>>) -> Result<(), 
     }
 }
 
+/// The deadline a forwarding node asked for, capped (a restore may take longer than a
+/// request timeout; nothing may take longer than a restore).
 fn budget(ms: u64, cluster: &Cluster) -> Instant {
-    Instant::now() + Duration::from_millis(ms).min(cluster.request_timeout())
+    let cap = cluster
+        .request_timeout()
+        .max(super::cluster::RESTORE_TIMEOUT);
+    Instant::now() + Duration::from_millis(ms).min(cap)
 }
 
 async fn append(State(c): State<Cluster>, body: Bytes) -> Response {
