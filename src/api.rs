@@ -18,11 +18,14 @@ use axum::{Extension, Json, Router};
 use axum_server::tls::TlsInfo;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use crate::authz::{AclCommand, AclOutcome, Action, Binding, Resource, Role};
+use crate::crypto::Sealer;
 use crate::identity::{self, Identity};
 use crate::raft::{not_owner, Cluster, ClusterError, Member, WriteOp};
 use crate::registry::{self, Filter, InstanceSpec, Outcome, Precondition, ValidationError};
+use crate::snapshot::{self, SnapshotError};
 use crate::token::TokenVerifier;
 
 pub const HEADER_INDEX: &str = "x-cairn-index";
@@ -40,7 +43,14 @@ pub struct ApiState {
     pub max_wait: Duration,
     /// Bearer-token verification; `None` when the node accepts certificates only.
     pub tokens: Option<Arc<TokenVerifier>>,
+    /// The node's keyring handle: backups are encrypted with its backup key.
+    pub sealer: Sealer,
+    /// The newest backup this node's schedule wrote and verified (reported in the status).
+    pub last_backup: Arc<std::sync::Mutex<Option<snapshot::BackupRun>>>,
 }
+
+/// The largest backup file `POST /v1/snapshot/restore` accepts.
+pub const MAX_RESTORE_BYTES: usize = 1 << 30;
 
 /// The authenticated caller of a request.
 #[derive(Debug, Clone)]
@@ -239,6 +249,8 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::delete(remove_member),
         )
         .route("/v1/cluster/transfer-leader", post(transfer_leader))
+        .route("/v1/snapshot", get(get_snapshot))
+        .route("/v1/snapshot/restore", post(restore_snapshot))
         .route("/v1/acl/whoami", get(whoami))
         .route("/v1/acl/roles", get(list_roles))
         .route(
@@ -337,6 +349,22 @@ fn bearer_token(headers: &HeaderMap) -> ApiResult<Option<&str>> {
         }
         _ => Err(bad("Authorization must be `Bearer <token>`")),
     }
+}
+
+/// The pre-check of a write, before it is proposed (the state machine decides again at the
+/// entry's log position). A node that is catching up may not have applied a grant yet, so a
+/// local denial is confirmed after a read barrier before it is answered 403.
+async fn authorize_write(
+    s: &ApiState,
+    caller: &Caller,
+    action: Action,
+    resource: Resource<'_>,
+) -> ApiResult<()> {
+    if authorize(s, caller, action, resource).is_ok() {
+        return Ok(());
+    }
+    s.cluster.read_barrier().await?;
+    authorize(s, caller, action, resource)
 }
 
 /// Checks the policy as this node has applied it. Linearizable reads call this after their
@@ -508,7 +536,7 @@ async fn register(
     body: Body,
 ) -> ApiResult<Response> {
     validate_names(&service, Some(&id))?;
-    authorize(&s, &caller, Action::Register, Resource::Service(&service))?;
+    authorize_write(&s, &caller, Action::Register, Resource::Service(&service)).await?;
     let precondition = precondition(&headers)?;
     let spec: InstanceSpec = read_json(body, s.max_body_bytes).await?;
     spec.validate()?;
@@ -534,7 +562,7 @@ async fn deregister(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     validate_names(&service, Some(&id))?;
-    authorize(&s, &caller, Action::Deregister, Resource::Service(&service))?;
+    authorize_write(&s, &caller, Action::Deregister, Resource::Service(&service)).await?;
     let precondition = precondition(&headers)?;
     let res = s
         .cluster
@@ -556,7 +584,7 @@ async fn heartbeat(
     Path((service, id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     validate_names(&service, Some(&id))?;
-    authorize(&s, &caller, Action::Heartbeat, Resource::Service(&service))?;
+    authorize_write(&s, &caller, Action::Heartbeat, Resource::Service(&service)).await?;
     let res = s.cluster.heartbeat(&service, &id, &caller.name()).await?;
     Ok(Json(res).into_response())
 }
@@ -782,7 +810,21 @@ async fn cluster_status(
     Extension(caller): Extension<Caller>,
 ) -> ApiResult<Response> {
     authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
-    Ok(Json(s.cluster.status().await).into_response())
+    let mut status = serde_json::to_value(s.cluster.status().await).unwrap_or_default();
+    let last_backup = s
+        .last_backup
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(obj) = status.as_object_mut() {
+        obj.insert(
+            "cluster_id".into(),
+            json!(s.cluster.state().read().cluster_id),
+        );
+        obj.insert("keyring".into(), json!(s.sealer.status()));
+        obj.insert("last_backup".into(), json!(last_backup));
+    }
+    Ok(Json(status).into_response())
 }
 
 /// Body of `POST /v1/cluster/members`.
@@ -973,7 +1015,7 @@ async fn put_role(
     Path(name): Path<String>,
     body: Body,
 ) -> ApiResult<Response> {
-    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
+    authorize_write(&s, &caller, Action::Admin, Resource::Cluster).await?;
     let mut v: serde_json::Value = read_json(body, s.max_body_bytes).await?;
     if let Some(obj) = v.as_object_mut() {
         obj.entry("name").or_insert_with(|| name.clone().into());
@@ -989,7 +1031,7 @@ async fn delete_role(
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
+    authorize_write(&s, &caller, Action::Admin, Resource::Cluster).await?;
     acl_write(&s, &caller, AclCommand::DeleteRole { name }).await
 }
 
@@ -999,7 +1041,7 @@ async fn put_binding(
     Path(name): Path<String>,
     body: Body,
 ) -> ApiResult<Response> {
-    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
+    authorize_write(&s, &caller, Action::Admin, Resource::Cluster).await?;
     let mut v: serde_json::Value = read_json(body, s.max_body_bytes).await?;
     if let Some(obj) = v.as_object_mut() {
         obj.entry("name").or_insert_with(|| name.clone().into());
@@ -1015,7 +1057,7 @@ async fn delete_binding(
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    authorize(&s, &caller, Action::Admin, Resource::Cluster)?;
+    authorize_write(&s, &caller, Action::Admin, Resource::Cluster).await?;
     acl_write(&s, &caller, AclCommand::DeleteBinding { name }).await
 }
 
@@ -1046,6 +1088,137 @@ fn from_value<T: DeserializeOwned>(v: serde_json::Value) -> ApiResult<T> {
         field: e.path().to_string(),
         message: e.inner().to_string(),
     })
+}
+
+// ---- backups ----
+
+fn snapshot_error(e: SnapshotError) -> ApiError {
+    match e {
+        SnapshotError::Cluster(c) => c.into(),
+        SnapshotError::Backup(b) => ApiError::Invalid {
+            field: "body".into(),
+            message: b.to_string(),
+        },
+        SnapshotError::Body(m) => ApiError::Invalid {
+            field: "body".into(),
+            message: m,
+        },
+        e @ (SnapshotError::ForeignCluster { .. } | SnapshotError::NoBackupKey) => {
+            ApiError::Conflict {
+                reason: e.to_string(),
+            }
+        }
+        e @ SnapshotError::NoClusterId => ApiError::Unavailable {
+            reason: e.to_string(),
+        },
+        SnapshotError::Io { path, source } => {
+            tracing::error!(path = %path.display(), error = %source, "backup i/o");
+            ApiError::Unavailable {
+                reason: "backup i/o failed on this node".into(),
+            }
+        }
+    }
+}
+
+/// Streams a backup file of the state as of a read barrier; `Content-Length` is exact, so a
+/// backup job can tell a complete download from a cut one.
+async fn get_snapshot(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Response> {
+    s.cluster.read_barrier().await?;
+    authorize(&s, &caller, Action::Snapshot, Resource::Cluster)?;
+    let taken = snapshot::take(&s.cluster, &s.sealer)
+        .await
+        .map_err(snapshot_error)?;
+    let len = taken.file_len();
+    let index = taken.header.last_log_index;
+    let name = format!(
+        "cairn-{}-{}.backup",
+        taken.header.cluster_id.get(..8).unwrap_or("cluster"),
+        index
+    );
+    let encoder = taken
+        .encoder()
+        .map_err(|e| snapshot_error(SnapshotError::Backup(e)))?;
+    // Encryption is CPU work: a blocking thread feeds the body through a small channel, so
+    // at most a few chunks are in memory beyond the state copy itself.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        for piece in encoder {
+            let item = piece.map(Bytes::from).map_err(std::io::Error::other);
+            if tx.blocking_send(item).is_err() {
+                tracing::info!("backup download abandoned by the client");
+                break;
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    tracing::info!(principal = %caller.identity, index, bytes = len, "backup served");
+    Ok(with_index(resp, index))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreParams {
+    force: Option<bool>,
+}
+
+/// Replaces the whole cluster state with a backup, through the log. The file is verified
+/// completely (every chunk) and checked against this cluster's id before anything changes.
+async fn restore_snapshot(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<RestoreParams>, QueryRejection>,
+    body: Body,
+) -> ApiResult<Response> {
+    let p = query(q)?;
+    s.cluster.read_barrier().await?;
+    authorize(&s, &caller, Action::Snapshot, Resource::Cluster)?;
+    let bytes = axum::body::to_bytes(body, MAX_RESTORE_BYTES)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge {
+            limit: MAX_RESTORE_BYTES,
+        })?;
+    let sealer = s.sealer.clone();
+    let (header, state) =
+        tokio::task::spawn_blocking(move || snapshot::decode(std::io::Cursor::new(bytes), &sealer))
+            .await
+            .map_err(|e| ApiError::Unavailable {
+                reason: format!("restore task failed: {e}"),
+            })?
+            .map_err(snapshot_error)?;
+    let ours = s.cluster.state().read().cluster_id.clone();
+    snapshot::check_cluster(&header, ours.as_deref(), p.force.unwrap_or(false))
+        .map_err(snapshot_error)?;
+    let instances = state.registry.instance_count();
+    let (_, index) = s.cluster.restore(state, &caller.name(), false).await?;
+    tracing::info!(principal = %caller.identity, index, instances, from = %header.cluster_id, "backup restored");
+    Ok(with_index(
+        Json(json!({
+            "index": index,
+            "restored": {
+                "cluster_id": header.cluster_id,
+                "last_log_index": header.last_log_index,
+                "created_at": header.created_at_rfc3339,
+                "counts": header.counts,
+            },
+        }))
+        .into_response(),
+        index,
+    ))
 }
 
 async fn live() -> Response {

@@ -109,6 +109,9 @@ pub struct Config {
     /// JWT bearer tokens accepted on the API (absent: certificates only).
     #[serde(default)]
     pub jwt: Option<Jwt>,
+    /// Scheduled backups, taken by the leader (absent: none).
+    #[serde(default)]
+    pub backup: Option<BackupSchedule>,
     /// `tracing` filter directive, e.g. `info` or `info,cairn::raft=debug`.
     #[serde(default = "default_log")]
     pub log: String,
@@ -189,6 +192,34 @@ pub struct Jwt {
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     #[serde(default = "default_leeway_seconds")]
     pub leeway_seconds: u64,
+}
+
+/// Scheduled backups: the leader writes a verified backup file into `dir` every
+/// `interval_seconds` and keeps the newest `keep`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSchedule {
+    /// Directory for the backup files (created 0700 if missing; keep it off the data disk).
+    pub dir: PathBuf,
+    /// Seconds between backups.
+    #[serde(default = "default_backup_interval")]
+    pub interval_seconds: u64,
+    /// How many of the newest backups to keep.
+    #[serde(default = "default_backup_keep")]
+    pub keep: usize,
+}
+
+/// Default for [`BackupSchedule::interval_seconds`].
+pub const DEFAULT_BACKUP_INTERVAL_SECONDS: u64 = 3600;
+/// Default for [`BackupSchedule::keep`].
+pub const DEFAULT_BACKUP_KEEP: usize = 24;
+
+fn default_backup_interval() -> u64 {
+    DEFAULT_BACKUP_INTERVAL_SECONDS
+}
+
+fn default_backup_keep() -> usize {
+    DEFAULT_BACKUP_KEEP
 }
 
 fn default_reload_interval_ms() -> u64 {
@@ -431,6 +462,9 @@ impl Config {
         if let Some(jwt) = &mut self.jwt {
             fields.push(("jwt.jwks", &mut jwt.jwks));
         }
+        if let Some(b) = &mut self.backup {
+            fields.push(("backup.dir", &mut b.dir));
+        }
         fields
     }
 
@@ -501,6 +535,23 @@ impl Config {
             check_file("acl.policy_file", policy, false)?;
         }
         self.validate_jwt()?;
+        if let Some(b) = &self.backup {
+            if b.interval_seconds == 0 {
+                return Err(invalid("backup.interval_seconds", "must be at least 1"));
+            }
+            if b.keep == 0 {
+                return Err(invalid("backup.keep", "must be at least 1"));
+            }
+            if best_effort_canonical(&b.dir).starts_with(best_effort_canonical(&self.data_dir)) {
+                return Err(invalid(
+                    "backup.dir",
+                    format!(
+                        "{} is inside data_dir; a backup must survive losing the data directory",
+                        b.dir.display()
+                    ),
+                ));
+            }
+        }
         self.validate_members()?;
         self.validate_tuning()?;
 
@@ -971,6 +1022,11 @@ fn schema() -> toml::Table {
             audience: String::new(),
             identity_claim: default_identity_claim(),
             leeway_seconds: DEFAULT_LEEWAY_SECONDS,
+        }),
+        backup: Some(BackupSchedule {
+            dir: PathBuf::new(),
+            interval_seconds: DEFAULT_BACKUP_INTERVAL_SECONDS,
+            keep: DEFAULT_BACKUP_KEEP,
         }),
         log: default_log(),
     };

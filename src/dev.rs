@@ -157,7 +157,9 @@ pub fn generate(dir: &Path, n: usize) -> anyhow::Result<()> {
         certs::write_pem_files(dir, &format!("service-{name}"), &issued)?;
     }
     std::fs::write(dir.join("policy.toml"), DEV_POLICY)?;
-    Keyring::generate().write_new(&dir.join("keyring.json"))?;
+    let mut keyring = Keyring::generate();
+    keyring.add_backup_key()?;
+    keyring.write_new(&dir.join("keyring.json"))?;
     Ok(())
 }
 

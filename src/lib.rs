@@ -7,6 +7,8 @@
 //! Map of the crate, bottom layer first (each module's first doc line says what it must not know):
 //! - [`registry`]: the domain — services, instances, commands, the pure state machine.
 //! - [`authz`]: actions, roles, bindings and the pure, default-deny policy evaluation.
+//! - [`backup`]: the backup file format — a versioned header and a chunked STREAM of
+//!   XChaCha20-Poly1305 over the state.
 //! - [`crypto`]: the keyring and the sealing of every persisted byte.
 //! - [`config`]: the typed node configuration, loaded and validated once.
 //! - [`identity`]: SPIFFE identities taken from certificates.
@@ -16,6 +18,7 @@
 //! - [`certs`]: the offline certificate authority (`cairn certs`).
 //! - [`storage`]: RocksDB — raft log, vote, snapshots; all on-disk encoding lives here.
 //! - [`raft`]: the openraft type config, the mTLS peer network and the internal RPC routes.
+//! - [`snapshot`]: takes consistent backups of the cluster state and opens them for restore.
 //! - [`api`]: the public HTTP API; the one place that maps errors to HTTP statuses.
 //! - [`node`]: the composition root that wires one node together.
 //! - [`client`]: the HTTPS client behind the CLI's client commands.
@@ -23,6 +26,7 @@
 
 pub mod api;
 pub mod authz;
+pub mod backup;
 pub mod certs;
 pub mod client;
 pub mod config;
@@ -33,6 +37,7 @@ pub mod node;
 pub mod raft;
 pub mod registry;
 pub mod reload;
+pub mod snapshot;
 pub mod storage;
 pub mod tls;
 pub mod token;

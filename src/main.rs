@@ -51,6 +51,40 @@ enum Cmd {
     /// Access control: roles, bindings, and who you are.
     #[command(subcommand)]
     Acl(AclCmd),
+    /// Backups: save, inspect and restore snapshot files.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Download a backup of the cluster state into FILE (any node; retried on the next).
+    Save {
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a backup's header and verify every chunk, without restoring it.
+    Inspect {
+        file: PathBuf,
+        /// A keyring holding the backup key (a node's, or `cairn keyring export-backup`).
+        #[arg(long, env = "CAIRN_KEYRING", required_unless_present = "header_only")]
+        keyring: Option<PathBuf>,
+        /// Only read the header (no key needed; chunks are not verified).
+        #[arg(long)]
+        header_only: bool,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Replace the whole cluster state with a backup.
+    Restore {
+        file: PathBuf,
+        /// Restore a backup taken from another cluster.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +146,10 @@ struct ServerArgs {
     /// Overrides `node_id`.
     #[arg(long)]
     node_id: Option<u64>,
+    /// Start a new cluster from this backup file: once the cluster has formed, and only if it
+    /// holds no data, its state is replaced by the backup's (verified before the node starts).
+    #[arg(long)]
+    restore_from: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -182,10 +220,48 @@ enum CertKind {
 
 #[derive(Subcommand)]
 enum KeyringCmd {
-    /// Write a new keyring file (mode 0600) with one random key.
+    /// Write a new keyring file (mode 0600) with one random data key and one backup key.
     Generate {
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Add a new data key and make it active (old keys stay to open older records).
+    Rotate {
+        #[arg(long, env = "CAIRN_KEYRING")]
+        keyring: PathBuf,
+    },
+    /// Add a new backup key and make it the one new backups use.
+    AddBackupKey {
+        #[arg(long, env = "CAIRN_KEYRING")]
+        keyring: PathBuf,
+    },
+    /// Remove a key (never the active data key or the current backup key).
+    Remove {
+        #[arg(long, env = "CAIRN_KEYRING")]
+        keyring: PathBuf,
+        #[arg(long)]
+        id: u32,
+    },
+    /// Show the keys (ids, purposes, dates; never key bytes).
+    Status {
+        #[arg(long, env = "CAIRN_KEYRING")]
+        keyring: PathBuf,
+    },
+    /// Write a keyring with only the backup keys, for the backup system.
+    ExportBackup {
+        #[arg(long, env = "CAIRN_KEYRING")]
+        keyring: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add a backup key from another keyring file (to restore another cluster's backups).
+    ImportBackup {
+        #[arg(long, env = "CAIRN_KEYRING")]
+        keyring: PathBuf,
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        id: u32,
     },
 }
 
@@ -356,13 +432,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cairn::dev::run(usize::from(a.nodes), a.dir).await
         }
         Cmd::Certs(c) => certs_cmd(c),
-        Cmd::Keyring(KeyringCmd::Generate { out }) => {
-            Keyring::generate()
-                .write_new(&out)
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!("wrote {}", out.display());
-            Ok(())
-        }
+        Cmd::Keyring(k) => keyring_cmd(k),
+        Cmd::Snapshot(c) => snapshot_cmd(c).await,
         Cmd::Register(a) => register(a).await,
         Cmd::Deregister(a) => {
             let headers = if_match(a.if_match);
@@ -430,7 +501,10 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_target(false)
         .init();
-    cairn::node::run(cfg, Default::default(), shutdown_signal()).await
+    let options = cairn::node::Options {
+        restore_from: a.restore_from,
+    };
+    cairn::node::run(cfg, Default::default(), options, shutdown_signal()).await
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -529,6 +603,171 @@ fn connect(a: &ClientArgs) -> anyhow::Result<Client> {
             client.with_bearer_token(token.trim())?
         }
     })
+}
+
+fn keyring_cmd(k: KeyringCmd) -> anyhow::Result<()> {
+    let load =
+        |path: &PathBuf| Keyring::load(path).with_context(|| format!("keyring {}", path.display()));
+    let save = |ring: &Keyring, path: &PathBuf| {
+        ring.replace_file(path)
+            .with_context(|| format!("writing {}", path.display()))
+    };
+    match k {
+        KeyringCmd::Generate { out } => {
+            let mut ring = Keyring::generate();
+            ring.add_backup_key()?;
+            ring.write_new(&out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {}", out.display());
+        }
+        KeyringCmd::Rotate { keyring } => {
+            let mut ring = load(&keyring)?;
+            let id = ring.rotate()?;
+            save(&ring, &keyring)?;
+            println!("key {id} is now the active data key of {}; nodes pick it up without a restart, and rewrap older records in the background", keyring.display());
+        }
+        KeyringCmd::AddBackupKey { keyring } => {
+            let mut ring = load(&keyring)?;
+            let id = ring.add_backup_key()?;
+            save(&ring, &keyring)?;
+            println!("key {id} is now the backup key of {}", keyring.display());
+        }
+        KeyringCmd::Remove { keyring, id } => {
+            let mut ring = load(&keyring)?;
+            ring.remove(id)?;
+            save(&ring, &keyring)?;
+            println!("removed key {id} from {}", keyring.display());
+        }
+        KeyringCmd::Status { keyring } => {
+            let ring = load(&keyring)?;
+            println!("{}", serde_json::to_string_pretty(&ring.status())?);
+        }
+        KeyringCmd::ExportBackup { keyring, out } => {
+            let ring = load(&keyring)?.export_backup_keys()?;
+            ring.write_new(&out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} (backup keys only)", out.display());
+        }
+        KeyringCmd::ImportBackup { keyring, from, id } => {
+            let mut ring = load(&keyring)?;
+            ring.import_backup_key(&load(&from)?, id)?;
+            save(&ring, &keyring)?;
+            println!("imported backup key {id} into {}", keyring.display());
+        }
+    }
+    Ok(())
+}
+
+async fn snapshot_cmd(c: SnapshotCmd) -> anyhow::Result<()> {
+    match c {
+        SnapshotCmd::Save { file, client } => {
+            let (bytes, endpoint) = connect(&client)?.download("/v1/snapshot", &file).await?;
+            // Check what arrived before calling it a backup: the header must parse and the
+            // length must be the one it announces.
+            let mut f = std::fs::File::open(&file)?;
+            let header = cairn::backup::read_header(&mut f)
+                .with_context(|| format!("{} is not a backup file", file.display()))?;
+            let expected = cairn::backup::file_len(&header);
+            if expected != bytes {
+                bail!(
+                    "{}: {bytes} bytes, but its header announces {expected}",
+                    file.display()
+                );
+            }
+            let v = json!({"file": file, "bytes": bytes, "from": endpoint, "header": header});
+            print(client.output, &v, || {
+                format!(
+                    "saved {} ({bytes} bytes) from {endpoint}: cluster {}, index {}, {} instances",
+                    file.display(),
+                    header.cluster_id,
+                    header.last_log_index,
+                    header.counts.get("instances").copied().unwrap_or(0)
+                )
+            });
+            Ok(())
+        }
+        SnapshotCmd::Inspect {
+            file,
+            keyring,
+            header_only,
+            output,
+        } => {
+            let open = || {
+                std::fs::File::open(&file)
+                    .map(std::io::BufReader::new)
+                    .with_context(|| format!("{}", file.display()))
+            };
+            let (header, stats) = if header_only {
+                (cairn::backup::read_header(&mut open()?)?, None)
+            } else {
+                let path = keyring.context("--keyring is required to verify the chunks")?;
+                let ring =
+                    Keyring::load(&path).with_context(|| format!("keyring {}", path.display()))?;
+                let (h, st) = cairn::backup::verify(open()?, |id| ring.backup_cipher(id))
+                    .with_context(|| format!("{} is corrupt", file.display()))?;
+                (h, Some(st))
+            };
+            let v = json!({
+                "file": file,
+                "verified": stats.is_some(),
+                "header": header,
+                "chunks": stats.map(|s| s.chunks),
+                "plaintext_bytes": stats.map(|s| s.plaintext_bytes),
+                "file_bytes": stats.map(|s| s.file_bytes),
+            });
+            print(output, &v, || {
+                let counts: Vec<String> = header
+                    .counts
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                let verdict = match stats {
+                    Some(st) => format!(
+                        "valid: {} chunks verified, {} bytes of state, {} bytes",
+                        st.chunks, st.plaintext_bytes, st.file_bytes
+                    ),
+                    None => "header only (chunks not verified)".into(),
+                };
+                format!(
+                    "{}: {verdict}\n  format {}, cluster {}, index {} (term {}), created {}\n  {}\n  backup key {}, chunk size {}",
+                    file.display(),
+                    header.format_version,
+                    header.cluster_id,
+                    header.last_log_index,
+                    header.last_log_term,
+                    header.created_at_rfc3339,
+                    counts.join(", "),
+                    header.backup_key_id,
+                    header.chunk_size
+                )
+            });
+            Ok(())
+        }
+        SnapshotCmd::Restore {
+            file,
+            force,
+            client,
+        } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
+            cairn::backup::read_header(&mut bytes.as_slice())
+                .with_context(|| format!("{} is not a backup file", file.display()))?;
+            let path = if force {
+                "/v1/snapshot/restore?force=true"
+            } else {
+                "/v1/snapshot/restore"
+            };
+            let reply = connect(&client)?.upload(path, bytes).await?;
+            print(client.output, &reply.body, || {
+                format!(
+                    "restored {} at index {}: {}",
+                    file.display(),
+                    reply.body["index"],
+                    reply.body["restored"]["counts"]
+                )
+            });
+            Ok(())
+        }
+    }
 }
 
 async fn acl_cmd(c: AclCmd) -> anyhow::Result<()> {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::crypto::{Keyring, Sealer};
 use crate::raft::{rpc_router, Cluster, ClusterSettings, Member, NetworkFactory, Peers, Raft};
 use crate::reload;
+use crate::snapshot;
 use crate::storage::{LogStore, StateMachine, Store};
 use crate::tls::{self, ClientAuth, TlsFiles, TlsMaterial};
 use crate::token::{TokenSettings, TokenVerifier};
@@ -34,6 +35,14 @@ const DRAIN: Duration = Duration::from_secs(5);
 pub struct Listeners {
     pub api: Option<TcpListener>,
     pub raft: Option<TcpListener>,
+}
+
+/// One-off startup requests (command-line flags, not configuration).
+#[derive(Debug, Default)]
+pub struct Options {
+    /// `--restore-from FILE`: once the (new) cluster has formed, and only if it holds no data
+    /// and was never restored, replace its state with this backup.
+    pub restore_from: Option<PathBuf>,
 }
 
 fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -64,15 +73,19 @@ fn raft_config(cfg: &Config) -> anyhow::Result<openraft::Config> {
 pub async fn run(
     cfg: Config,
     listeners: Listeners,
+    options: Options,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let span = tracing::info_span!("node", node_id = cfg.node_id);
-    serve(cfg, listeners, shutdown).instrument(span).await
+    serve(cfg, listeners, options, shutdown)
+        .instrument(span)
+        .await
 }
 
 async fn serve(
     cfg: Config,
     listeners: Listeners,
+    options: Options,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tls::install_crypto_provider();
@@ -108,11 +121,22 @@ async fn serve(
 
     // Storage: refuse to start on data we cannot authenticate.
     let keyring = Keyring::load(&cfg.keyring).context("keyring")?;
-    let sealer = Sealer::new(keyring);
+    let sealer = Sealer::new(keyring).context("keyring")?;
+    // A backup to restore is verified completely before anything starts.
+    let restore = match &options.restore_from {
+        Some(path) => {
+            let (header, state) = snapshot::open_file(path, &sealer)
+                .with_context(|| format!("--restore-from {}", path.display()))?;
+            tracing::info!(file = %path.display(), from = %header.cluster_id, index = header.last_log_index, instances = state.registry.instance_count(), "backup verified; it is restored once the cluster has formed");
+            Some(state)
+        }
+        None => None,
+    };
     let db_dir = cfg.data_dir.join("db");
     create_private_dir(&cfg.data_dir)?;
-    let store = Store::open(&db_dir, sealer, id).context("opening the data directory")?;
+    let store = Store::open(&db_dir, sealer.clone(), id).context("opening the data directory")?;
     let flush_on_exit = store.clone();
+    let store_for_rewrap = store.clone();
     let records = store.verify_all().context("verifying stored records")?;
     tracing::info!(records, dir = %db_dir.display(), "storage verified");
     let sm = StateMachine::open(store.clone()).context("loading the newest snapshot")?;
@@ -181,6 +205,7 @@ async fn serve(
         Some(l) => l,
         None => bind(cfg.listen.api, "API")?,
     };
+    let last_backup = Arc::new(std::sync::Mutex::new(None));
     let raft_handle = Handle::new();
     let api_handle = Handle::new();
     let raft_server = tls_server(raft_listener, raft_tls)?
@@ -192,6 +217,8 @@ async fn serve(
         max_body_bytes: cfg.limits.max_body_bytes,
         max_wait: Duration::from_secs(cfg.limits.max_wait_seconds),
         tokens: tokens.clone(),
+        sealer: sealer.clone(),
+        last_backup: last_backup.clone(),
     };
     let api_server = tls_server(api_listener, api_tls)?
         .handle(api_handle.clone())
@@ -242,9 +269,45 @@ async fn serve(
             stop_rx.clone(),
         )
     });
+    // Keys: the keyring file is reloaded in place; every change (and a periodic pass)
+    // rewraps records sealed with older keys, and reports the records per key.
+    let rewrap_now = Arc::new(tokio::sync::Notify::new());
+    let keyring_watcher = reload::spawn_watcher(
+        "keyring",
+        vec![cfg.keyring.clone()],
+        cfg.tls.reload_interval(),
+        {
+            let (sealer, path, notify) = (sealer.clone(), cfg.keyring.clone(), rewrap_now.clone());
+            move || {
+                let ring = Keyring::load(&path).map_err(|e| e.to_string())?;
+                let summary = sealer.reload(ring).map_err(|e| e.to_string())?;
+                if summary.changed() {
+                    notify.notify_one();
+                }
+                Ok(format!("{summary:?}"))
+            }
+        },
+        stop_rx.clone(),
+    );
+    let rewrap_task = tokio::spawn(rewrap_keys(
+        store_for_rewrap,
+        cluster.clone(),
+        rewrap_now,
+        stop_rx.clone(),
+    ));
+    let backup_task = cfg.backup.clone().map(|schedule| {
+        tokio::spawn(scheduled_backups(
+            cluster.clone(),
+            sealer.clone(),
+            schedule,
+            last_backup.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let bootstrap_task = tokio::spawn(bootstrap_cluster(
         cluster.clone(),
         policy,
+        restore,
         cfg.node_id,
         stop_rx.clone(),
     ));
@@ -264,6 +327,11 @@ async fn serve(
     let _ = form_task.await;
     let _ = bootstrap_task.await;
     let _ = tls_watcher.await;
+    let _ = keyring_watcher.await;
+    let _ = rewrap_task.await;
+    if let Some(t) = backup_task {
+        let _ = t.await;
+    }
     if let Some(w) = jwks_watcher {
         let _ = w.await;
     }
@@ -316,6 +384,7 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 async fn bootstrap_cluster(
     cluster: Cluster,
     policy: Option<PolicyFile>,
+    mut restore: Option<crate::raft::BackupState>,
     node_id: u64,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -329,10 +398,20 @@ async fn bootstrap_cluster(
             (s.cluster_id.is_some(), s.policy.is_bootstrapped())
         };
         let policy_due = policy.as_ref().filter(|_| !has_policy);
-        if has_id && policy_due.is_none() {
+        if has_id && policy_due.is_none() && restore.is_none() {
             return;
         }
         if cluster.leader().is_some() {
+            if let Some(state) = restore.take() {
+                match cluster.restore(state.clone(), &by, true).await {
+                    Ok((true, index)) => tracing::info!(index, "backup restored (--restore-from)"),
+                    Ok((false, _)) => tracing::warn!("--restore-from ignored: the cluster already holds data or was restored before"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "restore not yet possible; retrying");
+                        restore = Some(state);
+                    }
+                }
+            }
             if !has_id {
                 let id = hex::encode(rand::random::<[u8; 16]>());
                 match cluster.set_cluster_id(id, &by).await {
@@ -357,6 +436,68 @@ async fn bootstrap_cluster(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Rewraps records sealed with older keys after every keyring change and every 10 minutes,
+/// and publishes the records per key for the status.
+async fn rewrap_keys(
+    store: Store,
+    cluster: Cluster,
+    now: Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.rewrap(512)).await {
+            Ok(Ok(report)) => {
+                if report.rewrapped > 0 {
+                    tracing::info!(rewrapped = report.rewrapped, records_per_key = ?report.records_per_key, "records rewrapped under the active key");
+                }
+                cluster.set_fact("records_per_key", serde_json::json!(report.records_per_key));
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "rewrap failed; retrying later"),
+            Err(e) => tracing::error!(error = %e, "rewrap task failed"),
+        }
+        cluster.set_fact("keyring", serde_json::json!(store.sealer().status()));
+        tokio::select! {
+            _ = now.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// On the leader, writes a verified backup every `interval_seconds` into `dir`, keeping the
+/// newest `keep`; the last good one is reported in the status.
+async fn scheduled_backups(
+    cluster: Cluster,
+    sealer: Sealer,
+    schedule: crate::config::BackupSchedule,
+    last: Arc<std::sync::Mutex<Option<snapshot::BackupRun>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(schedule.interval_seconds));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick fires at once; the first backup waits one interval
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !cluster.is_leader() {
+            continue;
+        }
+        match snapshot::scheduled(&cluster, &sealer, &schedule.dir, schedule.keep).await {
+            Ok(run) => {
+                tracing::info!(path = %run.path.display(), bytes = run.bytes, index = run.last_log_index, "scheduled backup written and verified");
+                cluster.set_fact("last_backup", serde_json::json!(run));
+                *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(run);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, dir = %schedule.dir.display(), "scheduled backup failed")
+            }
         }
     }
 }

@@ -19,12 +19,13 @@
 //! queued since its last sync (group commit) and only then reports the batch flushed. The
 //! registry itself lives in memory; the log plus the newest snapshot rebuild it on restart.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, RwLock, RwLockReadGuard};
+use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockReadGuard};
 
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, IOFlushed, RaftLogStorage, RaftStateMachine};
@@ -132,6 +133,18 @@ fn key_display(key: &[u8]) -> String {
 pub struct Store {
     db: Arc<DB>,
     sealer: Sealer,
+    /// Serializes writes with the rewrap pass, which re-reads a record under it before
+    /// replacing it, so a rewrap never resurrects or clobbers a record written meanwhile.
+    write_lock: Arc<Mutex<()>>,
+}
+
+/// What a rewrap pass did, and how many records each key id seals afterwards.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RewrapReport {
+    /// Records re-sealed under the active key in this pass.
+    pub rewrapped: u64,
+    /// Records per key id after the pass (all under the active key once a pass completes).
+    pub records_per_key: BTreeMap<u32, u64>,
 }
 
 impl Store {
@@ -149,6 +162,7 @@ impl Store {
         let store = Store {
             db: Arc::new(db),
             sealer,
+            write_lock: Arc::new(Mutex::new(())),
         };
         match store.get::<u64>(CF_META, KEY_NODE_ID)? {
             Some(found) if found != node_id => {
@@ -225,10 +239,96 @@ impl Store {
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_locked(batch, sync)
+    }
+
+    fn write_locked(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         self.db.write_opt(batch, &wo)?;
         Ok(())
+    }
+
+    /// The sealer (its keyring is reloaded in place when the key file changes).
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    /// Re-seals, under the active key, every record sealed with another one, `batch_size`
+    /// records per synced write. Safe while the node runs: each batch re-reads its records
+    /// under the write lock and skips any that changed or disappeared since they were read
+    /// (the log may have been appended, truncated or purged meanwhile). Once a pass finishes
+    /// without error, no record needs a retired key, which may then be removed.
+    pub fn rewrap(&self, batch_size: usize) -> Result<RewrapReport, StorageError> {
+        let mut rewrapped = 0;
+        for cf in [CF_LOGS, CF_META, CF_SNAPSHOTS] {
+            let mut pending: Vec<(Box<[u8]>, Box<[u8]>)> = Vec::new();
+            for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+                let (key, sealed) = item?;
+                if self.sealer.needs_rewrap(&sealed) {
+                    pending.push((key, sealed));
+                    if pending.len() >= batch_size.max(1) {
+                        rewrapped += self.rewrap_batch(cf, &mut pending)?;
+                    }
+                }
+            }
+            rewrapped += self.rewrap_batch(cf, &mut pending)?;
+        }
+        Ok(RewrapReport {
+            rewrapped,
+            records_per_key: self.records_per_key()?,
+        })
+    }
+
+    fn rewrap_batch(
+        &self,
+        cf: &'static str,
+        pending: &mut Vec<(Box<[u8]>, Box<[u8]>)>,
+    ) -> Result<u64, StorageError> {
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        for (key, old) in pending.drain(..) {
+            let current = self.db.get_cf(self.cf(cf), &key)?;
+            if current.as_deref() != Some(&old[..]) {
+                continue;
+            }
+            let resealed =
+                self.sealer
+                    .rewrap(&Self::context(cf, &key), &old)
+                    .map_err(|source| StorageError::Integrity {
+                        cf,
+                        key: key_display(&key),
+                        source,
+                    })?;
+            batch.put_cf(self.cf(cf), &key, resealed);
+            n += 1;
+        }
+        self.write_locked(batch, true)?;
+        Ok(n)
+    }
+
+    /// How many records each key id seals (read from the envelopes; nothing is opened).
+    pub fn records_per_key(&self) -> Result<BTreeMap<u32, u64>, StorageError> {
+        let mut counts = BTreeMap::new();
+        for cf in [CF_LOGS, CF_META, CF_SNAPSHOTS] {
+            for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+                let (key, sealed) = item?;
+                let id = crate::crypto::envelope_key_id(&sealed).map_err(|source| {
+                    StorageError::Integrity {
+                        cf,
+                        key: key_display(&key),
+                        source,
+                    }
+                })?;
+                *counts.entry(id).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
     }
 
     /// Writes `batch` with an fsync, off the async executor.
@@ -883,7 +983,7 @@ mod tests {
     use openraft::testing::log::{StoreBuilder, Suite};
 
     fn sealer() -> Sealer {
-        Sealer::new(Keyring::generate())
+        Sealer::new(Keyring::generate()).expect("a fresh keyring has a data key")
     }
 
     struct Builder;

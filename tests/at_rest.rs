@@ -100,7 +100,8 @@ async fn nothing_readable_on_disk_and_a_flipped_byte_stops_the_node() {
     let keyring = Keyring::load(&c.dir.path().join("keyring.json")).expect("keyring");
     let db_dir = c.nodes[0].data_dir.join("db");
     let (cf, key, original) = {
-        let store = Store::open(&db_dir, Sealer::new(keyring), 1).expect("open store");
+        let store =
+            Store::open(&db_dir, Sealer::new(keyring).expect("sealer"), 1).expect("open store");
         let last = store.last_log_index().expect("read").expect("some log");
         let (cf, key) = log_record_key(last);
         let original = store.raw_get(cf, &key).expect("raw").expect("present");
@@ -130,7 +131,8 @@ async fn nothing_readable_on_disk_and_a_flipped_byte_stops_the_node() {
     {
         let store = Store::open(
             &db_dir,
-            Sealer::new(Keyring::load(&c.dir.path().join("keyring.json")).expect("k")),
+            Sealer::new(Keyring::load(&c.dir.path().join("keyring.json")).expect("k"))
+                .expect("sealer"),
             1,
         )
         .expect("open");

@@ -135,6 +135,10 @@ pub struct MemberStatus {
     /// The member's certificate and trusted CAs with their remaining validity, as the
     /// member itself reports them (absent if it did not answer in time).
     pub tls: Option<CertValidity>,
+    /// Other facts the member reports about itself: its keyring (active key id, keys),
+    /// records per key id, its last scheduled backup.
+    #[serde(default)]
+    pub node: BTreeMap<String, serde_json::Value>,
 }
 
 /// `GET /v1/cluster/status`.
@@ -172,6 +176,8 @@ struct Inner {
     settings: ClusterSettings,
     /// This node's certificate material (its validity is reported in the status).
     tls: TlsMaterial,
+    /// Facts this node reports about itself in the status (see [`Cluster::set_fact`]).
+    facts: Mutex<BTreeMap<String, serde_json::Value>>,
     /// When this node last received an append-entries from a leader.
     last_leader_contact: Mutex<Option<Instant>>,
 }
@@ -221,6 +227,7 @@ impl Cluster {
                 leases: Leases::default(),
                 settings,
                 tls,
+                facts: Mutex::new(BTreeMap::new()),
                 last_leader_contact: Mutex::new(None),
             }),
         }
@@ -620,6 +627,17 @@ impl Cluster {
                 leader: self.leader().map(|l| l.0),
             });
         };
+        // A leader cut off from the majority still believes it leads until its own election
+        // timeout; a renewal it acknowledged then would be unknown to the new leader, which
+        // would expire the instance inside its acknowledged TTL. So a renewal is acknowledged
+        // only after a quorum confirms this leadership (the ReadIndex round of reads), and
+        // only in the term it was confirmed for. Found by jepsen-like's lease workload.
+        self.read_index_local(deadline).await?;
+        if self.leader_term() != Some(term) {
+            return Err(ClusterError::NotLeader {
+                leader: self.leader().map(|l| l.0),
+            });
+        }
         // The leader's applied state holds every acknowledged registration and policy change
         // (client_write returns after apply on the leader), so these checks are current.
         // Renewals are not logged, so the leader is where they are authorized.
@@ -951,6 +969,7 @@ impl Cluster {
                     last_contact_ms: None,
                     match_index: None,
                     tls: None,
+                    node: BTreeMap::new(),
                 })
                 .collect();
             let leader_node = m
@@ -1001,19 +1020,23 @@ impl Cluster {
             let (id, raft) = (m.id, m.raft.clone());
             async move {
                 if id == self.inner.id {
-                    return Some(self.inner.tls.validity());
+                    return (Some(self.inner.tls.validity()), self.facts_json());
                 }
                 let probe: Result<super::Probe, _> = self
                     .inner
                     .peers
                     .call(&raft, "/internal/probe", &(), Duration::from_secs(1))
                     .await;
-                probe.ok().and_then(|p| p.tls)
+                match probe {
+                    Ok(p) => (p.tls, p.facts),
+                    Err(_) => (None, String::new()),
+                }
             }
         });
-        let validities = futures::future::join_all(probes).await;
-        for (m, v) in status.members.iter_mut().zip(validities) {
-            m.tls = v;
+        let answers = futures::future::join_all(probes).await;
+        for (m, (tls, facts)) in status.members.iter_mut().zip(answers) {
+            m.tls = tls;
+            m.node = serde_json::from_str(&facts).unwrap_or_default();
         }
         status
     }
@@ -1021,6 +1044,26 @@ impl Cluster {
     /// This node's certificate validity.
     pub fn tls_validity(&self) -> CertValidity {
         self.inner.tls.validity()
+    }
+
+    /// Records a fact this node reports in every member's view of the status.
+    pub fn set_fact(&self, key: &str, value: serde_json::Value) {
+        self.inner
+            .facts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string(), value);
+    }
+
+    /// This node's facts, as JSON text (it travels in the bincode-encoded probe answer).
+    pub fn facts_json(&self) -> String {
+        let facts = self.inner.facts.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::to_string(&*facts).unwrap_or_default()
+    }
+
+    /// Whether this node is the leader now.
+    pub fn is_leader(&self) -> bool {
+        self.leader_term().is_some()
     }
 }
 

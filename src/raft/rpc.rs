@@ -217,6 +217,7 @@ async fn probe(State(c): State<Cluster>) -> Response {
         node_id: c.id(),
         initialized,
         tls: Some(c.tls_validity()),
+        facts: c.facts_json(),
     })
 }
 
@@ -227,4 +228,6 @@ pub struct Probe {
     pub initialized: bool,
     /// The node's own certificate validity (for the cluster status).
     pub tls: Option<crate::tls::CertValidity>,
+    /// The node's facts (keyring, records per key, last backup) as JSON text.
+    pub facts: String,
 }

@@ -120,7 +120,9 @@ impl TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertAuthority::generate(TD, Validity::days(2)).expect("ca");
         certs::write_ca_files(dir.path(), &ca).expect("write ca");
-        Keyring::generate()
+        let mut keyring = Keyring::generate();
+        keyring.add_backup_key().expect("backup key");
+        keyring
             .write_new(&dir.path().join("keyring.json"))
             .expect("keyring");
         issue(
