@@ -1192,6 +1192,12 @@ async fn restore_snapshot(
         .map_err(|_| ApiError::PayloadTooLarge {
             limit: MAX_RESTORE_BYTES,
         })?;
+    // The clear header first: a file of another cluster is refused before any decryption.
+    let header = crate::backup::read_header(&mut &bytes[..])
+        .map_err(|e| snapshot_error(SnapshotError::Backup(e)))?;
+    let ours = s.cluster.state().read().cluster_id.clone();
+    snapshot::check_cluster(&header, ours.as_deref(), p.force.unwrap_or(false))
+        .map_err(snapshot_error)?;
     let sealer = s.sealer.clone();
     let (header, state) =
         tokio::task::spawn_blocking(move || snapshot::decode(std::io::Cursor::new(bytes), &sealer))
@@ -1200,9 +1206,6 @@ async fn restore_snapshot(
                 reason: format!("restore task failed: {e}"),
             })?
             .map_err(snapshot_error)?;
-    let ours = s.cluster.state().read().cluster_id.clone();
-    snapshot::check_cluster(&header, ours.as_deref(), p.force.unwrap_or(false))
-        .map_err(snapshot_error)?;
     let instances = state.registry.instance_count();
     let (_, index) = s.cluster.restore(state, &caller.name(), false).await?;
     tracing::info!(principal = %caller.identity, index, instances, from = %header.cluster_id, "backup restored");

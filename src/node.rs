@@ -278,13 +278,26 @@ async fn serve(
         cfg.tls.reload_interval(),
         {
             let (sealer, path, notify) = (sealer.clone(), cfg.keyring.clone(), rewrap_now.clone());
+            let store = store_for_rewrap.clone();
             move || {
                 let ring = Keyring::load(&path).map_err(|e| e.to_string())?;
+                // A key may leave the keyring only once no record here needs it: with one
+                // keyring file per cluster, a node can get the new file before its own rewrap
+                // has finished, and must then keep the old keys until it has.
+                let kept = ring.key_ids();
+                let per_key = store.records_per_key().map_err(|e| e.to_string())?;
+                if let Some((id, n)) = per_key.iter().find(|(id, n)| **n > 0 && !kept.contains(id))
+                {
+                    notify.notify_one();
+                    return Err(format!(
+                        "the new keyring drops key {id}, which still seals {n} records on this node; keeping the old keyring until they are rewrapped"
+                    ));
+                }
                 let summary = sealer.reload(ring).map_err(|e| e.to_string())?;
                 if summary.changed() {
                     notify.notify_one();
                 }
-                Ok(format!("{summary:?}"))
+                Ok(summary.to_string())
             }
         },
         stop_rx.clone(),

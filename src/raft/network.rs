@@ -58,13 +58,28 @@ impl Peers {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
+        self.call_encoded(raft_addr, path, encode(req), timeout)
+            .await
+    }
+
+    /// [`Peers::call`] with a request already encoded.
+    pub async fn call_encoded<Resp>(
+        &self,
+        raft_addr: &str,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError>
+    where
+        Resp: DeserializeOwned,
+    {
         let url = format!("https://{raft_addr}{path}");
         let addr = || raft_addr.to_string();
         let resp = self
             .client
             .post(&url)
             .header(http::header::CONTENT_TYPE, "application/octet-stream")
-            .body(encode(req))
+            .body(body)
             .timeout(timeout)
             .send()
             .await
@@ -138,9 +153,14 @@ impl PeerNetwork {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
+        // A large entry (a restore carries the whole state) needs time to be sent, decoded,
+        // sealed and written on the follower: the deadline grows with the payload, at a rate
+        // (2 MB/s) far below what any build of ours achieves.
+        let body = encode(req);
+        let timeout = timeout + Duration::from_millis(body.len() as u64 / 2_000);
         let res: Result<Resp, RaftError<TypeConfig>> = self
             .peers
-            .call(&self.addr, path, req, timeout)
+            .call_encoded(&self.addr, path, body, timeout)
             .await
             .map_err(|e| match e {
                 PeerError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),

@@ -223,6 +223,11 @@ impl TestCluster {
     }
 
     pub fn spawn(&mut self, idx: usize) {
+        self.spawn_with(idx, &[]);
+    }
+
+    /// Starts node `idx` with extra `cairn server` arguments (e.g. `--restore-from FILE`).
+    pub fn spawn_with(&mut self, idx: usize, args: &[&std::ffi::OsStr]) {
         let node = &mut self.nodes[idx];
         assert!(node.child.is_none(), "node {} already running", node.id);
         node.starts += 1;
@@ -235,6 +240,7 @@ impl TestCluster {
             .arg("server")
             .arg("--config")
             .arg(&node.config)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
