@@ -224,6 +224,9 @@ enum KeyringCmd {
     Generate {
         #[arg(long)]
         out: PathBuf,
+        /// No backup key (e.g. to import another cluster's with `import-backup`).
+        #[arg(long)]
+        without_backup_key: bool,
     },
     /// Add a new data key and make it active (old keys stay to open older records).
     Rotate {
@@ -613,9 +616,14 @@ fn keyring_cmd(k: KeyringCmd) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))
     };
     match k {
-        KeyringCmd::Generate { out } => {
+        KeyringCmd::Generate {
+            out,
+            without_backup_key,
+        } => {
             let mut ring = Keyring::generate();
-            ring.add_backup_key()?;
+            if !without_backup_key {
+                ring.add_backup_key()?;
+            }
             ring.write_new(&out)
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("wrote {}", out.display());
@@ -640,7 +648,7 @@ fn keyring_cmd(k: KeyringCmd) -> anyhow::Result<()> {
         }
         KeyringCmd::Status { keyring } => {
             let ring = load(&keyring)?;
-            println!("{}", serde_json::to_string_pretty(&ring.status())?);
+            print(Output::Json, &json!(ring.status()), String::new);
         }
         KeyringCmd::ExportBackup { keyring, out } => {
             let ring = load(&keyring)?.export_backup_keys()?;

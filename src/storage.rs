@@ -138,6 +138,9 @@ pub struct Store {
     write_lock: Arc<Mutex<()>>,
 }
 
+/// A record as RocksDB holds it: key and sealed value.
+type RawRecord = (Box<[u8]>, Box<[u8]>);
+
 /// What a rewrap pass did, and how many records each key id seals afterwards.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RewrapReport {
@@ -263,7 +266,7 @@ impl Store {
     pub fn rewrap(&self, batch_size: usize) -> Result<RewrapReport, StorageError> {
         let mut rewrapped = 0;
         for cf in [CF_LOGS, CF_META, CF_SNAPSHOTS] {
-            let mut pending: Vec<(Box<[u8]>, Box<[u8]>)> = Vec::new();
+            let mut pending: Vec<RawRecord> = Vec::new();
             for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
                 let (key, sealed) = item?;
                 if self.sealer.needs_rewrap(&sealed) {
@@ -284,7 +287,7 @@ impl Store {
     fn rewrap_batch(
         &self,
         cf: &'static str,
-        pending: &mut Vec<(Box<[u8]>, Box<[u8]>)>,
+        pending: &mut Vec<RawRecord>,
     ) -> Result<u64, StorageError> {
         if pending.is_empty() {
             return Ok(0);
