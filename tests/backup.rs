@@ -622,3 +622,54 @@ async fn backup_and_restore_of_100_000_instances() {
         backup_time
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_are_written_verified_and_pruned_by_the_leader() {
+    let schedule =
+        format!("{TUNING}\n[backup]\ndir = \"backups\"\ninterval_seconds = 1\nkeep = 2\n");
+    let c = TestCluster::start(3, &schedule).await;
+    populate(&c, 2, 50).await;
+    let dir = c.dir.path().join("backups");
+    let keyring = c.dir.path().join("keyring.json");
+    // After several intervals: only the newest `keep` files remain, each a complete backup.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("backup dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    for f in &files {
+        let name = f.file_name().and_then(|n| n.to_str()).expect("name");
+        assert!(
+            name.starts_with("cairn-") && name.ends_with(".backup"),
+            "{name}"
+        );
+        let (ok, out) = cairn(&[
+            "snapshot",
+            "inspect",
+            f.to_str().expect("p"),
+            "--keyring",
+            keyring.to_str().expect("p"),
+            "--output",
+            "json",
+        ]);
+        assert!(ok, "{out}");
+        let v: Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(v["header"]["counts"]["instances"], 50, "{v}");
+    }
+    // The leader reports its last good backup in the status.
+    let status = c.status(0).await.expect("status");
+    let leader = status["leader"].as_u64().expect("leader");
+    let member = status["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["id"] == leader)
+        .expect("leader member")
+        .clone();
+    assert!(
+        member["node"]["last_backup"]["bytes"].as_u64().unwrap_or(0) > 0,
+        "{member}"
+    );
+}
