@@ -1,6 +1,11 @@
 //! storage: RocksDB holds the raft log, the vote and snapshots, every value sealed; all
 //! on-disk and wire encoding lives here. Knows nothing of HTTP, TLS or the API.
 //!
+//! The state machine applies registry commands, policy changes and restores; each is
+//! authorized here, at its log position, with the pure [`crate::authz`] evaluation against
+//! the policy at that same position (so this module uses `authz` and `identity`, beyond the
+//! `registry` and `crypto` of DESIGN.md's table: the decision must be part of the apply).
+//!
 //! Layout (one RocksDB database, three column families):
 //!
 //! | cf          | key                        | value (sealed, see [`crate::crypto`])           |
