@@ -821,7 +821,6 @@ async fn cluster_status(
             "cluster_id".into(),
             json!(s.cluster.state().read().cluster_id),
         );
-        obj.insert("keyring".into(), json!(s.sealer.status()));
         obj.insert("last_backup".into(), json!(last_backup));
     }
     Ok(Json(status).into_response())
@@ -997,6 +996,15 @@ async fn get_binding(
     Ok(Json(binding).into_response())
 }
 
+/// A role or binding body; its `name` defaults to the one in the path.
+async fn named_body<T: DeserializeOwned>(s: &ApiState, name: &str, body: Body) -> ApiResult<T> {
+    let mut v: serde_json::Value = read_json(body, s.max_body_bytes).await?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.entry("name").or_insert_with(|| name.into());
+    }
+    from_value(v)
+}
+
 /// The body's `name`, if given, must be the one in the path.
 fn same_name(path: &str, body: &str) -> ApiResult<()> {
     if body == path {
@@ -1016,11 +1024,7 @@ async fn put_role(
     body: Body,
 ) -> ApiResult<Response> {
     authorize_write(&s, &caller, Action::Admin, Resource::Cluster).await?;
-    let mut v: serde_json::Value = read_json(body, s.max_body_bytes).await?;
-    if let Some(obj) = v.as_object_mut() {
-        obj.entry("name").or_insert_with(|| name.clone().into());
-    }
-    let role: Role = from_value(v)?;
+    let role: Role = named_body(&s, &name, body).await?;
     same_name(&name, &role.name)?;
     role.validate()?;
     acl_write(&s, &caller, AclCommand::PutRole(role)).await
@@ -1042,11 +1046,7 @@ async fn put_binding(
     body: Body,
 ) -> ApiResult<Response> {
     authorize_write(&s, &caller, Action::Admin, Resource::Cluster).await?;
-    let mut v: serde_json::Value = read_json(body, s.max_body_bytes).await?;
-    if let Some(obj) = v.as_object_mut() {
-        obj.entry("name").or_insert_with(|| name.clone().into());
-    }
-    let binding: Binding = from_value(v)?;
+    let binding: Binding = named_body(&s, &name, body).await?;
     same_name(&name, &binding.name)?;
     binding.validate()?;
     acl_write(&s, &caller, AclCommand::PutBinding(binding)).await

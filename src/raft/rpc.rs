@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Extension;
@@ -26,16 +27,23 @@ use crate::storage::{decode, encode};
 const MAX_RPC_BODY: usize = 1 << 30;
 
 pub fn router(cluster: Cluster) -> Router {
+    // Requests that speak for a caller are taken only from current members.
+    let on_behalf = Router::new()
+        .route("/internal/write", post(write))
+        .route("/internal/heartbeat", post(heartbeat))
+        .route("/internal/members", post(members))
+        .route_layer(middleware::from_fn_with_state(
+            cluster.clone(),
+            members_only,
+        ));
     Router::new()
+        .merge(on_behalf)
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/pre-vote", post(pre_vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/transfer-leader", post(transfer_leader))
-        .route("/internal/write", post(write))
         .route("/internal/read-index", post(read_index))
-        .route("/internal/heartbeat", post(heartbeat))
-        .route("/internal/members", post(members))
         .route("/internal/leader-view", post(leader_view))
         .route("/internal/probe", post(probe))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_RPC_BODY))
@@ -78,6 +86,18 @@ impl IntoResponse for NotMember {
 /// The handshake admitted a node certificate of our trust domain; requests that speak for a
 /// caller (writes, renewals, membership changes) must also come from a current member, so a
 /// removed node's certificate cannot be used to act on anyone's behalf.
+async fn members_only(
+    State(c): State<Cluster>,
+    tls: Option<Extension<Arc<TlsInfo>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match from_member(&c, tls) {
+        Ok(()) => next.run(req).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
 fn from_member(c: &Cluster, tls: Option<Extension<Arc<TlsInfo>>>) -> Result<(), NotMember> {
     let refuse = |why: String| {
         tracing::warn!(reason = %why, "refused a forwarded request");
@@ -145,14 +165,7 @@ async fn transfer_leader(State(c): State<Cluster>, body: Bytes) -> Response {
     }
 }
 
-async fn write(
-    State(c): State<Cluster>,
-    tls: Option<Extension<Arc<TlsInfo>>>,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = from_member(&c, tls) {
-        return r.into_response();
-    }
+async fn write(State(c): State<Cluster>, body: Bytes) -> Response {
     let req: Forwarded = match parse(&body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -170,14 +183,7 @@ async fn read_index(State(c): State<Cluster>, body: Bytes) -> Response {
     reply(&c.read_index_local(budget(budget_ms, &c)).await)
 }
 
-async fn heartbeat(
-    State(c): State<Cluster>,
-    tls: Option<Extension<Arc<TlsInfo>>>,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = from_member(&c, tls) {
-        return r.into_response();
-    }
+async fn heartbeat(State(c): State<Cluster>, body: Bytes) -> Response {
     let req: ForwardedHeartbeat = match parse(&body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -189,14 +195,7 @@ async fn heartbeat(
     )
 }
 
-async fn members(
-    State(c): State<Cluster>,
-    tls: Option<Extension<Arc<TlsInfo>>>,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = from_member(&c, tls) {
-        return r.into_response();
-    }
+async fn members(State(c): State<Cluster>, body: Bytes) -> Response {
     match parse::<ForwardedMember>(&body) {
         Ok(op) => reply(&c.membership_local(op).await),
         Err(e) => e.into_response(),
