@@ -112,6 +112,9 @@ pub struct Config {
     /// Scheduled backups, taken by the leader (absent: none).
     #[serde(default)]
     pub backup: Option<BackupSchedule>,
+    /// Planted bugs for the fault harness; refused unless built with `chaos-bugs`.
+    #[serde(default)]
+    pub chaos: Chaos,
     /// `tracing` filter directive, e.g. `info` or `info,cairn::raft=debug`.
     #[serde(default = "default_log")]
     pub log: String,
@@ -126,6 +129,10 @@ pub struct Listen {
     pub api: SocketAddr,
     /// Internal raft port (node certificates only).
     pub raft: SocketAddr,
+    /// The raft address peers dial, when it is not `raft` itself (a proxy or NAT between the
+    /// nodes); this node's `members` entry must name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raft_advertise: Option<SocketAddr>,
 }
 
 /// PEM files of the node's TLS identity.
@@ -208,6 +215,40 @@ pub struct BackupSchedule {
     #[serde(default = "default_backup_keep")]
     pub keep: usize,
 }
+
+/// Bugs planted on purpose so the fault harness (`jepsen-like`) can show it catches them.
+/// Only a build with the `chaos-bugs` cargo feature accepts a non-empty list; a normal build
+/// refuses the config, so no production node can run one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Chaos {
+    pub bugs: Vec<PlantedBug>,
+}
+
+/// One planted bug (see [`Chaos`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlantedBug {
+    /// Linearizable reads answer from local state without a ReadIndex round.
+    StaleReads,
+    /// The leader acknowledges a write before it is committed (and applied).
+    EarlyAck,
+    /// A follower applies a write to its own state instead of forwarding it to the leader.
+    FollowerApply,
+}
+
+impl PlantedBug {
+    pub fn name(self) -> &'static str {
+        match self {
+            PlantedBug::StaleReads => "stale-reads",
+            PlantedBug::EarlyAck => "early-ack",
+            PlantedBug::FollowerApply => "follower-apply",
+        }
+    }
+}
+
+/// Whether this build may run planted bugs (the `chaos-bugs` cargo feature).
+pub const PLANTED_BUGS_BUILD: bool = cfg!(feature = "chaos-bugs");
 
 /// Default for [`BackupSchedule::interval_seconds`].
 pub const DEFAULT_BACKUP_INTERVAL_SECONDS: u64 = 3600;
@@ -500,6 +541,9 @@ impl Config {
 
         check_own_addr("listen.api", self.listen.api)?;
         check_own_addr("listen.raft", self.listen.raft)?;
+        if let Some(advertised) = self.listen.raft_advertise {
+            check_own_addr("listen.raft_advertise", advertised)?;
+        }
         if self.listen.api == self.listen.raft {
             return Err(invalid(
                 "listen.raft",
@@ -551,6 +595,13 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if !self.chaos.bugs.is_empty() && !PLANTED_BUGS_BUILD {
+            return Err(invalid(
+                "chaos.bugs",
+                "this build has no planted bugs: they exist only in test builds with the \
+                 `chaos-bugs` cargo feature, for the fault harness",
+            ));
         }
         self.validate_members()?;
         self.validate_tuning()?;
@@ -643,15 +694,19 @@ impl Config {
                 format!("must include this node (node_id {})", self.node_id),
             ));
         };
-        for (name, listen, member) in [
-            ("api", self.listen.api, me.api),
-            ("raft", self.listen.raft, me.raft),
+        let raft_dialed = match self.listen.raft_advertise {
+            Some(a) => (a, "advertises", "listen.raft_advertise"),
+            None => (self.listen.raft, "listens on", "listen.raft"),
+        };
+        for (name, (addr, how, source), member) in [
+            ("api", (self.listen.api, "listens on", "listen.api"), me.api),
+            ("raft", raft_dialed, me.raft),
         ] {
-            if listen != member {
+            if addr != member {
                 let node_id = self.node_id;
                 let message = format!(
-                    "is {member}, but this node (node_id {node_id}) listens on {listen} \
-                     (listen.{name}); peers dial the member address"
+                    "is {member}, but this node (node_id {node_id}) {how} {addr} ({source}); \
+                     peers dial the member address"
                 );
                 return Err(invalid(format!("members[{i}].{name}"), message));
             }
@@ -999,6 +1054,7 @@ fn schema() -> toml::Table {
         listen: Listen {
             api: addr,
             raft: addr,
+            raft_advertise: Some(addr),
         },
         tls: TlsFiles {
             ca: PathBuf::new(),
@@ -1028,6 +1084,7 @@ fn schema() -> toml::Table {
             interval_seconds: DEFAULT_BACKUP_INTERVAL_SECONDS,
             keep: DEFAULT_BACKUP_KEEP,
         }),
+        chaos: Chaos::default(),
         log: default_log(),
     };
     match toml::Value::try_from(&sample) {
@@ -1541,6 +1598,46 @@ heartbeat_ms = 200
         let err = f.load().unwrap_err();
         assert_eq!(field_of(&err), "members", "{err}");
         assert!(err.to_string().contains("8 members"), "{err}");
+    }
+
+    #[test]
+    fn an_advertised_raft_address_is_what_this_node_s_member_entry_names() {
+        let mut f = Fixture::new();
+        let proxy = toml::Value::String("127.0.0.1:7601".into());
+        set(&mut f.config, "listen.raft_advertise", proxy.clone());
+        let e = f.load().unwrap_err();
+        assert_eq!(field_of(&e), "members[0].raft");
+        assert!(e.to_string().contains("advertises 127.0.0.1:7601"), "{e}");
+        set(&mut f.config, "members[0].raft", proxy);
+        let c = f.load().unwrap();
+        assert_eq!(c.listen.raft, "127.0.0.1:7501".parse().unwrap());
+        assert_eq!(
+            c.listen.raft_advertise,
+            Some("127.0.0.1:7601".parse().unwrap())
+        );
+        let wildcard = toml::Value::String("0.0.0.0:7601".into());
+        set(&mut f.config, "listen.raft_advertise", wildcard);
+        assert_eq!(field_of(&f.load().unwrap_err()), "listen.raft_advertise");
+    }
+
+    #[test]
+    fn planted_bugs_are_refused_unless_built_for_them() {
+        let mut f = Fixture::new();
+        let bugs = toml::Value::Array(vec![toml::Value::String("stale-reads".into())]);
+        set(&mut f.config, "chaos.bugs", bugs);
+        let loaded = f.load();
+        if PLANTED_BUGS_BUILD {
+            assert_eq!(loaded.unwrap().chaos.bugs, vec![PlantedBug::StaleReads]);
+        } else {
+            let e = loaded.unwrap_err();
+            assert_eq!(field_of(&e), "chaos.bugs");
+            assert!(e.to_string().contains("chaos-bugs"), "{e}");
+        }
+        set(&mut f.config, "chaos.bugs", toml::Value::Array(Vec::new()));
+        assert!(f.load().unwrap().chaos.bugs.is_empty());
+        let unknown = toml::Value::Array(vec![toml::Value::String("lose-data".into())]);
+        set(&mut f.config, "chaos.bugs", unknown);
+        assert!(f.load().unwrap_err().to_string().contains("lose-data"));
     }
 
     #[test]

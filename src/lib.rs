@@ -23,10 +23,12 @@
 //! - [`node`]: the composition root that wires one node together.
 //! - [`client`]: the HTTPS client behind the CLI's client commands.
 //! - [`dev`]: `cairn dev`, a throwaway local cluster.
+//! - [`bench`]: `cairn bench`, the load generator that compares cairn with etcd.
 
 pub mod api;
 pub mod authz;
 pub mod backup;
+pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod config;

@@ -54,6 +54,9 @@ enum Cmd {
     /// Backups: save, inspect and restore snapshot files.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Load generator: cairn's REST API or etcd's v3 gateway, over mTLS (scripts/bench).
+    #[command(subcommand)]
+    Bench(cairn::bench::BenchCommand),
 }
 
 #[derive(Subcommand)]
@@ -488,6 +491,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Query(a) => query(a).await,
         Cmd::Cluster(c) => cluster_cmd(c).await,
         Cmd::Acl(c) => acl_cmd(c).await,
+        Cmd::Bench(c) => cairn::bench::run(c).await,
     }
 }
 

@@ -193,9 +193,18 @@ async fn serve(
             lease_check_interval: Duration::from_millis(cfg.leases.check_interval_ms),
             reap_after: Duration::from_secs(cfg.leases.reap_after_seconds),
             trust_domain: cfg.trust_domain.clone(),
+            planted_bugs: cfg.chaos.bugs.clone(),
         },
         material.clone(),
     );
+    if !cfg.chaos.bugs.is_empty() {
+        let bugs: Vec<&str> = cfg.chaos.bugs.iter().map(|b| b.name()).collect();
+        tracing::warn!(
+            ?bugs,
+            "PLANTED BUGS ARE ON: this node breaks its guarantees on purpose"
+        );
+        cluster.set_fact("planted_bugs", serde_json::json!(bugs));
+    }
 
     let raft_listener = match listeners.raft {
         Some(l) => l,

@@ -704,6 +704,24 @@ impl SharedState {
     }
 }
 
+/// Planted bugs (`chaos-bugs` builds only; see `raft::cluster::chaos`).
+#[cfg(feature = "chaos-bugs")]
+impl SharedState {
+    /// What applying `cmd` as the next entry would answer, computed on a copy of the state.
+    pub fn chaos_dry_run(&self, cmd: &Command) -> (Response, u64) {
+        let mut copy = self.read().clone();
+        let index = self.applied_index() + 1;
+        (apply_registry(&mut copy, index, cmd), index)
+    }
+
+    /// Applies `cmd` to this node's state only, outside the log, at the applied index.
+    pub fn chaos_apply_unreplicated(&self, cmd: &Command) -> (Response, u64) {
+        let index = self.applied_index();
+        let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        (apply_registry(&mut s, index, cmd), index)
+    }
+}
+
 /// The snapshot body: what a snapshot restores besides openraft's meta.
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {

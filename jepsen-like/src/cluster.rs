@@ -10,6 +10,7 @@
 //! `kill_on_drop` when the cluster is dropped (panic, Ctrl-C unwinding the run), and
 //! `PR_SET_PDEATHSIG` if the harness itself is killed.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,8 @@ use crate::recorder::Clock;
 pub const API_PORT: u16 = 7400;
 /// Raft (internal) port of every node.
 pub const RAFT_PORT: u16 = 7401;
+/// Port of the harness's proxy in front of each node's raft port (net nemesis).
+pub const PROXY_PORT: u16 = 7402;
 /// The operator identity the harness acts as (`operator/jepsen`), granted `admin` on `*`.
 pub const OPERATOR: &str = "jepsen";
 /// Where the readiness probe and the final write go; no workload reads this service.
@@ -65,6 +68,10 @@ impl NodeInfo {
     }
     pub fn raft(&self) -> SocketAddr {
         SocketAddr::from((self.ip, RAFT_PORT))
+    }
+    /// Where the harness's proxy in front of the raft port listens (when proxied).
+    pub fn proxy(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, PROXY_PORT))
     }
 }
 
@@ -114,6 +121,22 @@ pub struct ClusterSpec {
     pub server_env: Vec<(String, String)>,
     /// The server's `log` filter.
     pub log_filter: String,
+    /// Peers dial each node through its proxy ([`crate::nemesis::proxy`]): the node
+    /// advertises the proxy's address as its raft address.
+    pub proxied: bool,
+    /// Extra environment of one node's server (libfaketime for the clock nemesis).
+    pub node_env: BTreeMap<u64, Vec<(String, String)>>,
+}
+
+impl ClusterSpec {
+    /// The raft address peers dial to reach `n`.
+    pub fn dialed_raft(&self, n: &NodeInfo) -> SocketAddr {
+        if self.proxied {
+            n.proxy()
+        } else {
+            n.raft()
+        }
+    }
 }
 
 /// Why a process operation could not be done.
@@ -259,6 +282,9 @@ pub fn node_toml(
     writeln!(s, "\n[listen]")?;
     writeln!(s, "api = \"{}\"", node.api())?;
     writeln!(s, "raft = \"{}\"", node.raft())?;
+    if spec.proxied {
+        writeln!(s, "raft_advertise = \"{}\"", spec.dialed_raft(node))?;
+    }
     writeln!(s, "\n[tls]")?;
     writeln!(s, "ca = {}", toml_str(path_str(paths.ca)?))?;
     writeln!(s, "cert = {}", toml_str(path_str(paths.cert)?))?;
@@ -283,7 +309,7 @@ pub fn node_toml(
         writeln!(s, "\n[[members]]")?;
         writeln!(s, "id = {}", m.id)?;
         writeln!(s, "api = \"{}\"", m.api())?;
-        writeln!(s, "raft = \"{}\"", m.raft())?;
+        writeln!(s, "raft = \"{}\"", spec.dialed_raft(m))?;
         writeln!(s, "zone = {}", toml_str(&m.zone))?;
     }
     if !spec.extra_config.trim().is_empty() {
@@ -456,6 +482,11 @@ impl Cluster {
         self.nodes.iter().map(|n| n.info.id).collect()
     }
 
+    /// The raft address peers dial to reach node `id` (its proxy when proxied).
+    pub fn dialed_raft(&self, id: u64) -> Option<SocketAddr> {
+        self.info(id).map(|n| self.spec.dialed_raft(n))
+    }
+
     pub fn info(&self, id: u64) -> Option<&NodeInfo> {
         self.node(id).ok().map(|n| &n.info)
     }
@@ -511,7 +542,8 @@ impl Cluster {
     pub fn start(&mut self, id: u64) -> Result<u32, ProcessError> {
         let now = self.clock.now();
         let bin = self.spec.bin.clone();
-        let env = self.spec.server_env.clone();
+        let mut env = self.spec.server_env.clone();
+        env.extend(self.spec.node_env.get(&id).cloned().unwrap_or_default());
         let node = self.node_mut(id)?;
         if !matches!(node.proc, Proc::Stopped) {
             return Err(ProcessError::AlreadyRunning(id));
@@ -848,6 +880,8 @@ mod tests {
             extra_config: "[chaos]\nbugs = [\"x\"]\n".into(),
             server_env: vec![],
             log_filter: "info".into(),
+            proxied: false,
+            node_env: BTreeMap::new(),
         };
         let p = |s: &str| PathBuf::from(format!("/tmp/run/{s}"));
         let (data, kr, ca, cert, key, pol) = (

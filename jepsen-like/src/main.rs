@@ -1,11 +1,11 @@
 //! `jepsen-like`: runs a fault-injection test against a local cairn cluster, or re-checks a
 //! recorded history offline.
 //!
-//! * `jepsen-like [--nodes 3|5] [--time S] [--nemesis all|kill,pause,partition,membership|none]
+//! * `jepsen-like [--nodes 3|5] [--time S] [--nemesis all|kill,pause,partition,membership,net,clock|none]
 //!   [--workload all|register,set,lease] [--seed N] [--out DIR] [--cairn-bin PATH] ...` —
 //!   one run; prints the run directory and one verdict line per check. Exit 0 only if every
 //!   verdict is valid (unknown is not), 1 otherwise, 2 on bad usage or a setup failure.
-//! * `jepsen-like --ci` — the CI profile: 3 nodes, seeds 1 and 2, 45 s each, every nemesis
+//! * `jepsen-like --ci` — the CI profile: 3 nodes, seeds 1 and 2, 60 s each, every nemesis
 //!   and workload unless `--nemesis` / `--workload` narrow them.
 //! * `jepsen-like check HISTORY.jsonl [TIMEOUT_SECS]` — checks a register history offline and
 //!   prints the report as JSON. Exit 0 valid, 1 invalid, 2 unknown, 3 unreadable history.
@@ -58,7 +58,7 @@ struct RunArgs {
     /// Seconds of client traffic (faults stop 10 s before the end).
     #[arg(long, default_value_t = 60)]
     time: u64,
-    /// Faults: `all`, `none`, or a list of kill, pause, partition, membership [default: all].
+    /// Faults: `all`, `none`, or a list of kill, pause, partition, membership, net, clock [default: all].
     #[arg(long)]
     nemesis: Option<String>,
     /// Workloads: `all`, or a list of register, set, lease [default: all].
@@ -102,7 +102,7 @@ struct RunArgs {
     /// Keep node data directories even when the run is valid.
     #[arg(long)]
     keep_data: bool,
-    /// The CI profile: 3 nodes, seeds 1 and 2, 45 s each (all nemeses and workloads unless
+    /// The CI profile: 3 nodes, seeds 1 and 2, 60 s each (all nemeses and workloads unless
     /// --nemesis / --workload say otherwise; --nodes, --time and --seed are ignored).
     #[arg(long)]
     ci: bool,
@@ -224,7 +224,7 @@ fn configs(a: &RunArgs) -> Result<Vec<RunConfig>, String> {
         .into_iter()
         .map(|seed| RunConfig {
             nodes: 3,
-            time: Duration::from_secs(45),
+            time: Duration::from_secs(60),
             seed,
             ..base.clone()
         })

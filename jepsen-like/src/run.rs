@@ -25,7 +25,9 @@ use crate::api::Api;
 use crate::checker::Budget;
 use crate::client::{self, ClientCtx, OpRecord, ProcessIds, WorkloadClient};
 use crate::cluster::{Cluster, ClusterSpec, NodeInfo, Tuning, UnexpectedExit};
+use crate::nemesis::clock::{self, Clocks};
 use crate::nemesis::partition::{self, Firewall};
+use crate::nemesis::proxy::{Proxy, ProxyStats};
 use crate::nemesis::{
     self, FaultOutcome, Nemesis, NemesisKind, PlanConfig, PlannedFault, TimelineEvent,
 };
@@ -123,6 +125,8 @@ pub struct Summary {
     pub fault_log: Vec<FaultOutcome>,
     pub crashes: Vec<UnexpectedExit>,
     pub final_checks: FinalChecks,
+    /// Traffic through the peer-link proxies (net nemesis only).
+    pub proxy: Option<ProxyStats>,
     pub verdicts: BTreeMap<String, VerdictEntry>,
     /// How many anomalies the checks found (the list below may be truncated).
     pub anomaly_count: usize,
@@ -461,6 +465,7 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
     let clock = Clock::start();
 
     let mut kinds = cfg.nemeses.clone();
+    let node_ids: Vec<u64> = (1..=cfg.nodes as u64).collect();
     let mut skipped = BTreeMap::new();
     let firewall = if kinds.contains(&NemesisKind::Partition) {
         match partition::unavailable_reason() {
@@ -479,7 +484,28 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
         None
     };
 
-    // 2. The cluster.
+    let clocks = if kinds.contains(&NemesisKind::Clock) {
+        match clock::find_library() {
+            Ok(lib) => {
+                Some(Clocks::new(lib, &dir.join("clocks"), &node_ids).context("clock files")?)
+            }
+            Err(reason) => {
+                println!("skipping clock nemeses: {reason}");
+                kinds.retain(|k| *k != NemesisKind::Clock);
+                skipped.insert("clock".to_owned(), reason);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let node_env = clocks
+        .iter()
+        .flat_map(|c| node_ids.iter().map(move |&id| (id, c.env(id))))
+        .collect();
+    let proxied = kinds.contains(&NemesisKind::Net);
+
+    // 2. The cluster (behind the proxies when there are net faults).
     let spec = ClusterSpec {
         nodes: cfg.nodes,
         bin: cfg.cairn_bin.clone(),
@@ -489,8 +515,19 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
         extra_config: cfg.extra_config.clone(),
         server_env: cfg.server_env.clone(),
         log_filter: cfg.server_log.clone(),
+        proxied,
+        node_env,
     };
     let mut cluster = Cluster::create(spec, clock, cfg.op_timeout)?;
+    let proxy = if proxied {
+        Some(
+            Proxy::start(&cluster.infos())
+                .await
+                .context("cannot start the peer-link proxies")?,
+        )
+    } else {
+        None
+    };
     let leader = cluster.start_all(Duration::from_secs(60)).await?;
     eprintln!(
         "[{:7.2}s] cluster of {} up, leader n{leader}",
@@ -564,7 +601,9 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
         kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
     );
 
-    let mut nemesis = Nemesis::new(&mut cluster, firewall, timeline.clone(), clock, cfg.seed);
+    let mut nemesis = Nemesis::new(&mut cluster, firewall, timeline.clone(), clock, cfg.seed)
+        .with_proxy(proxy)
+        .with_clocks(clocks);
     let outcomes = nemesis
         .run(
             &plan,
@@ -593,6 +632,8 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
     };
     let crashes = nemesis.crashes().to_vec();
     let mut firewall = nemesis.take_firewall();
+    // The proxies carry the peer links until the cluster is stopped.
+    let proxy = nemesis.take_proxy();
     drop(nemesis);
     let healed = Instant::now();
     let res = cluster.probe_write("final", Duration::from_secs(30)).await;
@@ -620,6 +661,8 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
 
     // 5. Tear down.
     cluster.shutdown().await;
+    let proxy_stats = proxy.as_ref().map(Proxy::stats);
+    drop(proxy);
     if let Some(fw) = firewall.as_mut() {
         if let Err(e) = fw.teardown() {
             finals.heal_errors.push(format!("iptables teardown: {e}"));
@@ -717,6 +760,7 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
         fault_log: outcomes.clone(),
         crashes,
         final_checks: finals,
+        proxy: proxy_stats,
         verdicts: outcome
             .verdicts
             .iter()
@@ -836,6 +880,7 @@ mod tests {
                     ],
                 }),
             },
+            proxy: None,
             verdicts: BTreeMap::from([(
                 "register".into(),
                 VerdictEntry {

@@ -6,6 +6,9 @@
 //! [`ClusterError::NoQuorum`], never a hang. A write that times out may still commit later (its
 //! outcome is unknown to the caller, as with any consensus system).
 
+#[cfg(feature = "chaos-bugs")]
+mod chaos;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,8 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use super::leases::Leases;
 use super::network::{PeerError, Peers};
+use super::read_batch::ReadBatcher;
 use super::{BackupState, Member, Raft, Request, Response};
 use crate::authz::{AclCommand, AclOutcome, Action, Resource};
+use crate::config::PlantedBug;
 use crate::identity::Identity;
 use crate::registry::{Command, Health, InstanceSpec, LeaseRef, Outcome, Precondition};
 use crate::storage::SharedState;
@@ -117,6 +122,8 @@ pub struct ClusterSettings {
     pub reap_after: Duration,
     /// The SPIFFE trust domain, to read peer node certificates.
     pub trust_domain: String,
+    /// Bugs planted for the fault harness (empty unless built with `chaos-bugs`).
+    pub planted_bugs: Vec<PlantedBug>,
 }
 
 /// One member in [`ClusterStatus`].
@@ -180,6 +187,11 @@ struct Inner {
     facts: Mutex<BTreeMap<String, serde_json::Value>>,
     /// When this node last received an append-entries from a leader.
     last_leader_contact: Mutex<Option<Instant>>,
+    /// Linearizable reads on this node share read-index rounds (local or from the leader).
+    reads: Arc<ReadBatcher>,
+    /// On the leader: every read-index request (its own and its followers') shares one
+    /// quorum round.
+    leader_reads: Arc<ReadBatcher>,
 }
 
 /// Cheap cloneable handle on the node's replicated core.
@@ -209,6 +221,51 @@ fn budget_ms(deadline: Instant) -> u64 {
     millis(remaining(deadline).saturating_sub(FORWARD_MARGIN))
 }
 
+/// The log entry for a client write: the caller becomes the owner (or the deregistering
+/// identity) and the leader's clock stamps it.
+fn request_of(op: WriteOp, caller: &str, now_ms: u64) -> Request {
+    match op {
+        WriteOp::Register {
+            service,
+            id,
+            spec,
+            precondition,
+        } => Request::Registry(Command::Register {
+            service,
+            id,
+            spec,
+            owner: caller.to_string(),
+            precondition,
+            now_ms,
+        }),
+        WriteOp::Deregister {
+            service,
+            id,
+            precondition,
+        } => Request::Registry(Command::Deregister {
+            service,
+            id,
+            precondition,
+            now_ms,
+            by: caller.to_string(),
+        }),
+        WriteOp::Acl(cmd) => Request::Acl {
+            cmd,
+            by: caller.to_string(),
+        },
+        WriteOp::Restore {
+            state,
+            only_if_empty,
+        } => Request::Restore {
+            state,
+            by: caller.to_string(),
+            now_ms,
+            only_if_empty,
+        },
+        WriteOp::SetClusterId { id } => Request::SetClusterId { id },
+    }
+}
+
 impl Cluster {
     pub fn new(
         id: u64,
@@ -229,6 +286,8 @@ impl Cluster {
                 tls,
                 facts: Mutex::new(BTreeMap::new()),
                 last_leader_contact: Mutex::new(None),
+                reads: Arc::default(),
+                leader_reads: Arc::default(),
             }),
         }
     }
@@ -390,6 +449,12 @@ impl Cluster {
     ) -> Result<Submitted, ClusterError> {
         loop {
             let (leader, node) = self.leader_by(deadline).await?;
+            #[cfg(feature = "chaos-bugs")]
+            if leader != self.inner.id && self.planted(PlantedBug::FollowerApply) {
+                if let Some(applied) = self.chaos_apply_here(&op, caller) {
+                    return applied;
+                }
+            }
             let res = if leader == self.inner.id {
                 self.write_local(op.clone(), caller, deadline).await
             } else {
@@ -417,47 +482,13 @@ impl Cluster {
         caller: &str,
         deadline: Instant,
     ) -> Result<Submitted, ClusterError> {
-        let now_ms = now_ms();
-        let req = match op {
-            WriteOp::Register {
-                service,
-                id,
-                spec,
-                precondition,
-            } => Request::Registry(Command::Register {
-                service,
-                id,
-                spec,
-                owner: caller.to_string(),
-                precondition,
-                now_ms,
-            }),
-            WriteOp::Deregister {
-                service,
-                id,
-                precondition,
-            } => Request::Registry(Command::Deregister {
-                service,
-                id,
-                precondition,
-                now_ms,
-                by: caller.to_string(),
-            }),
-            WriteOp::Acl(cmd) => Request::Acl {
-                cmd,
-                by: caller.to_string(),
-            },
-            WriteOp::Restore {
-                state,
-                only_if_empty,
-            } => Request::Restore {
-                state,
-                by: caller.to_string(),
-                now_ms,
-                only_if_empty,
-            },
-            WriteOp::SetClusterId { id } => Request::SetClusterId { id },
-        };
+        let req = request_of(op, caller, now_ms());
+        #[cfg(feature = "chaos-bugs")]
+        if self.planted(PlantedBug::EarlyAck) {
+            if let Some(acked) = self.chaos_ack_before_commit(&req) {
+                return acked;
+            }
+        }
         self.propose_request(req, deadline).await
     }
 
@@ -528,16 +559,24 @@ impl Cluster {
 
     /// A linearizable read barrier: returns once this node's applied state includes every write
     /// acknowledged before the call (ReadIndex confirmed by a quorum heartbeat on the leader).
+    /// Concurrent barriers share rounds ([`ReadBatcher`]).
     pub async fn read_barrier(&self) -> Result<u64, ClusterError> {
+        #[cfg(feature = "chaos-bugs")]
+        if self.planted(PlantedBug::StaleReads) {
+            return Ok(self.inner.state.applied_index());
+        }
         let deadline = self.deadline();
         loop {
-            let (leader, node) = self.leader_by(deadline).await?;
-            let res = if leader == self.inner.id {
-                self.read_index_local(deadline).await
-            } else {
-                let budget_ms = millis(remaining(deadline));
-                self.forward(&node, "/internal/read-index", &budget_ms, deadline)
-                    .await
+            let me = self.clone();
+            let round = self.inner.reads.read_index(move || {
+                let me = me.clone();
+                async move { me.read_index_round().await }
+            });
+            let res = match tokio::time::timeout(remaining(deadline), round).await {
+                Ok(r) => r,
+                Err(_) => Err(ClusterError::NoQuorum {
+                    reason: "no read index confirmed within the request timeout".into(),
+                }),
             };
             match res {
                 Ok(index) => {
@@ -557,10 +596,39 @@ impl Cluster {
         }
     }
 
-    /// On the leader: confirms leadership with a quorum and returns the read index.
+    /// One read-index round of this node: from its own raft when it leads, else from the leader.
+    async fn read_index_round(&self) -> Result<u64, ClusterError> {
+        let deadline = self.deadline();
+        let (leader, node) = self.leader_by(deadline).await?;
+        if leader == self.inner.id {
+            self.read_index_local(deadline).await
+        } else {
+            let budget_ms = millis(remaining(deadline));
+            self.forward(&node, "/internal/read-index", &budget_ms, deadline)
+                .await
+        }
+    }
+
+    /// On the leader: confirms leadership with a quorum and returns the read index. Requests
+    /// from this node and its followers share quorum rounds.
     pub(crate) async fn read_index_local(&self, deadline: Instant) -> Result<u64, ClusterError> {
+        let me = self.clone();
+        let round = self.inner.leader_reads.read_index(move || {
+            let me = me.clone();
+            async move { me.read_index_raft().await }
+        });
+        match tokio::time::timeout(remaining(deadline), round).await {
+            Ok(r) => r,
+            Err(_) => Err(ClusterError::NoQuorum {
+                reason: "leadership not confirmed by a quorum in time".into(),
+            }),
+        }
+    }
+
+    /// One ReadIndex round through openraft (bounded by the request timeout).
+    async fn read_index_raft(&self) -> Result<u64, ClusterError> {
         let fut = self.inner.raft.get_read_linearizer(ReadPolicy::ReadIndex);
-        match tokio::time::timeout(remaining(deadline), fut).await {
+        match tokio::time::timeout(self.request_timeout(), fut).await {
             Err(_) => Err(ClusterError::NoQuorum {
                 reason: "leadership not confirmed by a quorum in time".into(),
             }),

@@ -5,6 +5,7 @@
 mod cluster;
 mod leases;
 mod network;
+mod read_batch;
 mod rpc;
 
 use std::fmt;

@@ -316,9 +316,28 @@ impl TestCluster {
         r.json().await.ok()
     }
 
-    /// Waits until some running node reports a leader that is itself running; returns its index.
+    /// Waits until some running node reports a leader that is itself running, and every
+    /// running node answers (a leader needs only a quorum; a restarted node may still be
+    /// starting). Returns the leader's index.
     pub async fn wait_leader(&mut self, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
+        let leader = self.wait_leader_only(deadline, timeout).await;
+        for idx in 0..self.nodes.len() {
+            while self.is_running(idx) && self.status(idx).await.is_none() {
+                if Instant::now() > deadline {
+                    panic!(
+                        "node {} not serving within {timeout:?}:\n{}",
+                        idx + 1,
+                        self.log_text(idx)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        leader
+    }
+
+    async fn wait_leader_only(&mut self, deadline: Instant, timeout: Duration) -> usize {
         loop {
             for idx in 0..self.nodes.len() {
                 if !self.is_running(idx) {

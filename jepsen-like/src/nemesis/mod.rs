@@ -1,13 +1,16 @@
 //! The nemesis: a seeded random fault plan (pure, deterministic per seed), and its execution
 //! against the [`Cluster`] — kill -9 + restart, SIGSTOP/SIGCONT, iptables partitions,
-//! remove-wipe-re-add membership changes — with every fault's start and stop recorded on the
+//! remove-wipe-re-add membership changes, delay and loss on the peer links (a userspace
+//! proxy), wall-clock bumps (libfaketime) — with every fault's start and stop recorded on the
 //! run's clock (`nemesis.jsonl`). Knows nothing of clients or histories.
 //!
 //! Faults run one at a time: apply, hold, heal, quiet gap, next. Targets that depend on the
 //! cluster's state ("the leader") are resolved when the fault is applied; everything random
 //! is drawn when planning, so a seed names the schedule.
 
+pub mod clock;
 pub mod partition;
+pub mod proxy;
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -20,7 +23,9 @@ use serde::Serialize;
 use crate::api::{CallError, NewMember};
 use crate::cluster::{Cluster, UnexpectedExit};
 use crate::recorder::{Clock, Journal};
+use clock::Clocks;
 use partition::{Firewall, Grudge};
+use proxy::{LinkFault, Proxy};
 
 /// The kinds of fault, as named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -30,14 +35,20 @@ pub enum NemesisKind {
     Pause,
     Partition,
     Membership,
+    /// Delay or loss on peer links (through the proxy).
+    Net,
+    /// A bumped wall clock (libfaketime).
+    Clock,
 }
 
 impl NemesisKind {
-    pub const ALL: [NemesisKind; 4] = [
+    pub const ALL: [NemesisKind; 6] = [
         NemesisKind::Kill,
         NemesisKind::Pause,
         NemesisKind::Partition,
         NemesisKind::Membership,
+        NemesisKind::Net,
+        NemesisKind::Clock,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +57,8 @@ impl NemesisKind {
             NemesisKind::Pause => "pause",
             NemesisKind::Partition => "partition",
             NemesisKind::Membership => "membership",
+            NemesisKind::Net => "net",
+            NemesisKind::Clock => "clock",
         }
     }
 
@@ -94,6 +107,41 @@ pub enum Fault {
     /// Remove the node from the cluster, stop it, wipe its data; at heal start it empty and
     /// add it back (it joins as a learner and is promoted).
     Membership { target: Target },
+    /// Degrade every peer link touching `target` (all links for [`NetTarget::All`]).
+    Net { target: NetTarget, link: LinkFault },
+    /// Move the targets' wall clocks by `offset_s`; back to real time at heal.
+    Clock { target: Target, offset_s: i64 },
+}
+
+/// Which links a net fault degrades.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetTarget {
+    All,
+    /// Every link to and from these nodes (or the leader).
+    Around(Target),
+}
+
+impl NetTarget {
+    fn describe(&self) -> String {
+        match self {
+            NetTarget::All => "every peer link".into(),
+            NetTarget::Around(t) => format!("the peer links of {}", t.describe()),
+        }
+    }
+}
+
+/// The directed links among `ids` that touch one of `nodes`.
+fn links_around(ids: &[u64], nodes: &[u64]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &a in ids {
+        for &b in ids {
+            if a != b && (nodes.contains(&a) || nodes.contains(&b)) {
+                out.push((a, b));
+            }
+        }
+    }
+    out
 }
 
 impl Fault {
@@ -103,6 +151,8 @@ impl Fault {
             Fault::Pause { .. } => NemesisKind::Pause,
             Fault::Partition { .. } => NemesisKind::Partition,
             Fault::Membership { .. } => NemesisKind::Membership,
+            Fault::Net { .. } => NemesisKind::Net,
+            Fault::Clock { .. } => NemesisKind::Clock,
         }
     }
 
@@ -113,6 +163,19 @@ impl Fault {
             Fault::Partition { grudge } => grudge.describe(),
             Fault::Membership { target } => {
                 format!("remove, wipe and re-add {}", target.describe())
+            }
+            Fault::Net { target, link } => {
+                let mut what = Vec::new();
+                if link.delay_ms > 0 || link.jitter_ms > 0 {
+                    what.push(format!("delay {}±{} ms", link.delay_ms, link.jitter_ms));
+                }
+                if link.loss_pct > 0 {
+                    what.push(format!("loss {}%", link.loss_pct));
+                }
+                format!("{} on {}", what.join(", "), target.describe())
+            }
+            Fault::Clock { target, offset_s } => {
+                format!("bump the clock of {} by {offset_s:+} s", target.describe())
             }
         }
     }
@@ -213,6 +276,51 @@ fn grudge(rng: &mut StdRng, nodes: &[u64]) -> Grudge {
     }
 }
 
+/// A net fault: a slow or lossy network everywhere, or one slow or lossy node.
+fn net_fault(rng: &mut StdRng, nodes: &[u64]) -> Fault {
+    let around = |rng: &mut StdRng| {
+        NetTarget::Around(if rng.random_bool(0.5) {
+            Target::Leader
+        } else {
+            Target::Nodes(vec![one(rng, nodes)])
+        })
+    };
+    let (target, link) = match rng.random_range(0..4) {
+        0 => (
+            NetTarget::All,
+            LinkFault {
+                delay_ms: rng.random_range(20..=100),
+                jitter_ms: rng.random_range(0..=50),
+                loss_pct: 0,
+            },
+        ),
+        1 => (
+            around(rng),
+            LinkFault {
+                delay_ms: rng.random_range(200..=800),
+                jitter_ms: rng.random_range(0..=200),
+                loss_pct: 0,
+            },
+        ),
+        2 => (
+            NetTarget::All,
+            LinkFault {
+                loss_pct: rng.random_range(5..=20),
+                ..LinkFault::default()
+            },
+        ),
+        _ => (
+            around(rng),
+            LinkFault {
+                delay_ms: 0,
+                jitter_ms: 20,
+                loss_pct: rng.random_range(20..=50),
+            },
+        ),
+    };
+    Fault::Net { target, link }
+}
+
 /// The schedule for `seed`: faults of the given kinds, cycling through them in a shuffled
 /// order (every kind appears once before any appears again), each with a random variant,
 /// hold and gap, all within `[warmup, run - recovery]`. When the window is too short for one
@@ -294,6 +402,18 @@ fn plan_once(
                     Target::Nodes(vec![one(&mut rng, nodes)])
                 },
             },
+            NemesisKind::Net => net_fault(&mut rng, nodes),
+            NemesisKind::Clock => {
+                let magnitude: i64 = rng.random_range(5..=600);
+                Fault::Clock {
+                    target: process_target(&mut rng, nodes),
+                    offset_s: if rng.random_bool(0.5) {
+                        magnitude
+                    } else {
+                        -magnitude
+                    },
+                }
+            }
         };
         out.push(PlannedFault {
             start_ms: t.as_millis() as u64,
@@ -340,6 +460,8 @@ enum Active {
     Paused(Vec<u64>),
     Cut,
     Removed(u64),
+    Degraded,
+    Bumped(Vec<u64>),
 }
 
 /// How long a membership change (either direction) is retried.
@@ -349,6 +471,8 @@ const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Nemesis<'a> {
     cluster: &'a mut Cluster,
     firewall: Option<Firewall>,
+    proxy: Option<Proxy>,
+    clocks: Option<Clocks>,
     timeline: Journal<TimelineEvent>,
     clock: Clock,
     rng: StdRng,
@@ -366,11 +490,30 @@ impl<'a> Nemesis<'a> {
         Nemesis {
             cluster,
             firewall,
+            proxy: None,
+            clocks: None,
             timeline,
             clock,
             rng: StdRng::seed_from_u64(seed ^ PLAN_SALT ^ 1),
             crashes: Vec::new(),
         }
+    }
+
+    /// Net faults go through these proxies.
+    pub fn with_proxy(mut self, proxy: Option<Proxy>) -> Self {
+        self.proxy = proxy;
+        self
+    }
+
+    /// Clock faults rewrite these offset files.
+    pub fn with_clocks(mut self, clocks: Option<Clocks>) -> Self {
+        self.clocks = clocks;
+        self
+    }
+
+    /// Takes the proxies back (they must outlive the nemesis until the cluster stops).
+    pub fn take_proxy(&mut self) -> Option<Proxy> {
+        self.proxy.take()
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -619,6 +762,33 @@ impl<'a> Nemesis<'a> {
                 self.cluster.wipe(x).map_err(|e| e.to_string())?;
                 Ok((Active::Removed(x), vec![x], format!("{base}{how}")))
             }
+            Fault::Net { target, link } => {
+                let (nodes, how) = match target {
+                    NetTarget::All => (self.cluster.ids(), String::new()),
+                    NetTarget::Around(t) => self.resolve(t).await,
+                };
+                let proxy = self
+                    .proxy
+                    .as_ref()
+                    .ok_or("net faults are not available (no proxy)")?;
+                for (a, b) in links_around(&self.cluster.ids(), &nodes) {
+                    proxy.set(a, b, *link);
+                }
+                Ok((Active::Degraded, nodes, format!("{base}{how}")))
+            }
+            Fault::Clock { target, offset_s } => {
+                let (nodes, how) = self.resolve(target).await;
+                let clocks = self
+                    .clocks
+                    .as_ref()
+                    .ok_or("clock faults are not available (no libfaketime)")?;
+                for &n in &nodes {
+                    clocks
+                        .set_offset(n, *offset_s)
+                        .map_err(|e| format!("n{n}'s clock file: {e}"))?;
+                }
+                Ok((Active::Bumped(nodes.clone()), nodes, format!("{base}{how}")))
+            }
         }
     }
 
@@ -660,6 +830,28 @@ impl<'a> Nemesis<'a> {
                 }
                 self.add_member(x).await
             }
+            Active::Degraded => {
+                if let Some(p) = &self.proxy {
+                    p.heal();
+                }
+                Ok(())
+            }
+            Active::Bumped(nodes) => self.reset_clocks(&nodes),
+        }
+    }
+
+    fn reset_clocks(&self, nodes: &[u64]) -> Result<(), String> {
+        let Some(clocks) = &self.clocks else {
+            return Ok(());
+        };
+        let failed: Vec<String> = nodes
+            .iter()
+            .filter_map(|&n| clocks.set_offset(n, 0).err().map(|e| format!("n{n}: {e}")))
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("resetting clocks: {}", failed.join("; ")))
         }
     }
 
@@ -702,7 +894,11 @@ impl<'a> Nemesis<'a> {
         let member = NewMember {
             id: x,
             api: info.api().to_string(),
-            raft: info.raft().to_string(),
+            raft: self
+                .cluster
+                .dialed_raft(x)
+                .unwrap_or_else(|| info.raft())
+                .to_string(),
             zone: info.zone.clone(),
             voter: true,
         };
@@ -748,6 +944,12 @@ impl<'a> Nemesis<'a> {
             if let Err(e) = fw.heal() {
                 errors.push(e);
             }
+        }
+        if let Some(p) = &self.proxy {
+            p.heal();
+        }
+        if let Err(e) = self.reset_clocks(&self.cluster.ids()) {
+            errors.push(e);
         }
         for id in self.cluster.ids() {
             if self.cluster.is_paused(id) {
@@ -831,8 +1033,9 @@ mod tests {
                 assert!(f.start_ms + f.hold_ms <= end);
                 prev_end = f.start_ms + f.hold_ms;
             }
-            // The first four faults are the four kinds, in some order.
-            let mut first: Vec<NemesisKind> = p.iter().take(4).map(|f| f.fault.kind()).collect();
+            // The first faults are every kind once, in some order.
+            let n = NemesisKind::ALL.len();
+            let mut first: Vec<NemesisKind> = p.iter().take(n).map(|f| f.fault.kind()).collect();
             first.sort_unstable();
             assert_eq!(first, NemesisKind::ALL, "seed {seed}");
         }
@@ -859,6 +1062,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn net_faults_degrade_the_links_around_their_targets() {
+        assert_eq!(
+            links_around(&[1, 2, 3], &[2]),
+            [(1, 2), (2, 1), (2, 3), (3, 2)]
+        );
+        assert_eq!(links_around(&[1, 2, 3], &[1, 2, 3]).len(), 6);
+        let mut variants = std::collections::BTreeSet::new();
+        for seed in 0..40 {
+            for f in plan(seed, &[NemesisKind::Net], &[1, 2, 3], &cfg(120)) {
+                let Fault::Net { target, link } = f.fault else {
+                    panic!("only net faults planned");
+                };
+                assert!(link.delay_ms <= 800 && link.loss_pct <= 50, "{link:?}");
+                assert!(link.delay_ms > 0 || link.loss_pct > 0, "{link:?}");
+                variants.insert((target == NetTarget::All, link.loss_pct > 0));
+            }
+        }
+        assert_eq!(
+            variants.len(),
+            4,
+            "slow and lossy, everywhere and around one node"
+        );
+    }
+
+    #[test]
+    fn clock_bumps_go_both_ways_within_ten_minutes() {
+        let offsets: Vec<i64> = (0..40)
+            .flat_map(|seed| plan(seed, &[NemesisKind::Clock], &[1, 2, 3], &cfg(120)))
+            .map(|f| match f.fault {
+                Fault::Clock { offset_s, .. } => offset_s,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(offsets.iter().all(|o| (5..=600).contains(&o.abs())));
+        assert!(offsets.iter().any(|&o| o > 0) && offsets.iter().any(|&o| o < 0));
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub fn fault_color(k: NemesisKind) -> &'static str {
         NemesisKind::Pause => "#1971c2",
         NemesisKind::Partition => "#7048e8",
         NemesisKind::Membership => "#2f9e44",
+        NemesisKind::Net => "#e8590c",
+        NemesisKind::Clock => "#0c8599",
     }
 }
 
