@@ -24,15 +24,14 @@ fn binary(var: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-/// Runs `jepsen-like --ci` with `extra` arguments; returns its exit success and stdout.
-fn ci_run(cairn: &PathBuf, extra: &[&str]) -> (bool, String) {
-    let out = tempfile_dir();
+/// Runs `jepsen-like --ci` with `extra` arguments in `out`; returns its exit success and stdout.
+fn ci_run(cairn: &PathBuf, out: &PathBuf, extra: &[&str]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_jepsen-like"))
         .arg("--ci")
         .arg("--cairn-bin")
         .arg(cairn)
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .args(extra)
         .output()
         .expect("jepsen-like runs");
@@ -45,7 +44,8 @@ fn ci_run(cairn: &PathBuf, extra: &[&str]) -> (bool, String) {
     (output.status.success(), stdout)
 }
 
-/// A fresh directory for the runs of one test (kept on failure for the node logs).
+/// A fresh directory for the runs of one test (removed once the test passed; kept on failure
+/// for the histories and node logs).
 fn tempfile_dir() -> PathBuf {
     let base = std::env::var_os("CARGO_TARGET_TMPDIR")
         .map(PathBuf::from)
@@ -67,12 +67,14 @@ fn normal_build_is_valid_on_the_ci_seeds() {
         Ok(b) => b,
         Err(reason) => return println!("skipped: {reason}"),
     };
-    let (ok, stdout) = ci_run(&cairn, &[]);
+    let out = tempfile_dir();
+    let (ok, stdout) = ci_run(&cairn, &out, &[]);
     assert!(
         ok,
         "the CI profile is not valid on a normal build:\n{stdout}"
     );
     assert!(stdout.contains("2 of 2 runs valid"), "{stdout}");
+    let _ = std::fs::remove_dir_all(out);
 }
 
 /// Runs the CI profile on a build with `bug` planted on every node; both seeds must catch it.
@@ -81,15 +83,21 @@ fn planted_bug_is_caught(bug: &str) {
         Ok(b) => b,
         Err(reason) => return println!("skipped: {reason}"),
     };
-    let extra = tempfile_dir().join("chaos.toml");
+    let out = tempfile_dir();
+    let extra = out.join("chaos.toml");
     std::fs::write(&extra, format!("[chaos]\nbugs = [\"{bug}\"]\n")).expect("extra config");
     let extra = extra.to_str().expect("utf-8 path").to_owned();
-    let (ok, stdout) = ci_run(&cairn, &["--expect-invalid", "--extra-config", &extra]);
+    let (ok, stdout) = ci_run(
+        &cairn,
+        &out,
+        &["--expect-invalid", "--extra-config", &extra],
+    );
     assert!(
         ok,
         "planted bug `{bug}` was not caught on every CI seed:\n{stdout}"
     );
     assert!(stdout.contains("2 of 2 runs caught a bug"), "{stdout}");
+    let _ = std::fs::remove_dir_all(out);
 }
 
 #[test]
