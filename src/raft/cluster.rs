@@ -187,8 +187,8 @@ struct Inner {
     facts: Mutex<BTreeMap<String, serde_json::Value>>,
     /// When this node last received an append-entries from a leader.
     last_leader_contact: Mutex<Option<Instant>>,
-    /// Linearizable reads on this node share read-index rounds (local or from the leader).
-    reads: Arc<ReadBatcher>,
+    /// On a follower: reads share requests to the leader they are for.
+    reads: Mutex<Option<(u64, Arc<ReadBatcher>)>>,
     /// On the leader: every read-index request (its own and its followers') shares one
     /// quorum round.
     leader_reads: Arc<ReadBatcher>,
@@ -286,7 +286,7 @@ impl Cluster {
                 tls,
                 facts: Mutex::new(BTreeMap::new()),
                 last_leader_contact: Mutex::new(None),
-                reads: Arc::default(),
+                reads: Mutex::new(None),
                 leader_reads: Arc::default(),
             }),
         }
@@ -559,7 +559,8 @@ impl Cluster {
 
     /// A linearizable read barrier: returns once this node's applied state includes every write
     /// acknowledged before the call (ReadIndex confirmed by a quorum heartbeat on the leader).
-    /// Concurrent barriers share rounds ([`ReadBatcher`]).
+    /// Concurrent barriers share rounds ([`ReadBatcher`]): on the leader one quorum round, on
+    /// a follower one request to the leader it currently knows.
     pub async fn read_barrier(&self) -> Result<u64, ClusterError> {
         #[cfg(feature = "chaos-bugs")]
         if self.planted(PlantedBug::StaleReads) {
@@ -567,16 +568,11 @@ impl Cluster {
         }
         let deadline = self.deadline();
         loop {
-            let me = self.clone();
-            let round = self.inner.reads.read_index(move || {
-                let me = me.clone();
-                async move { me.read_index_round().await }
-            });
-            let res = match tokio::time::timeout(remaining(deadline), round).await {
-                Ok(r) => r,
-                Err(_) => Err(ClusterError::NoQuorum {
-                    reason: "no read index confirmed within the request timeout".into(),
-                }),
+            let (leader, node) = self.leader_by(deadline).await?;
+            let res = if leader == self.inner.id {
+                self.read_index_local(deadline).await
+            } else {
+                self.read_index_from(leader, node, deadline).await
             };
             match res {
                 Ok(index) => {
@@ -596,16 +592,41 @@ impl Cluster {
         }
     }
 
-    /// One read-index round of this node: from its own raft when it leads, else from the leader.
-    async fn read_index_round(&self) -> Result<u64, ClusterError> {
-        let deadline = self.deadline();
-        let (leader, node) = self.leader_by(deadline).await?;
-        if leader == self.inner.id {
-            self.read_index_local(deadline).await
-        } else {
-            let budget_ms = millis(remaining(deadline));
-            self.forward(&node, "/internal/read-index", &budget_ms, deadline)
-                .await
+    /// On a follower: a read index from `leader`, shared with the other reads waiting for the
+    /// same leader. Reads for a newly known leader never queue behind a round that is stuck
+    /// on the old one.
+    async fn read_index_from(
+        &self,
+        leader: u64,
+        node: Member,
+        deadline: Instant,
+    ) -> Result<u64, ClusterError> {
+        let batcher = {
+            let mut current = self.inner.reads.lock().unwrap_or_else(|p| p.into_inner());
+            match &*current {
+                Some((id, b)) if *id == leader => b.clone(),
+                _ => {
+                    let b = Arc::new(ReadBatcher::default());
+                    *current = Some((leader, b.clone()));
+                    b
+                }
+            }
+        };
+        let me = self.clone();
+        let round = batcher.read_index(move || {
+            let (me, node) = (me.clone(), node.clone());
+            async move {
+                let deadline = me.deadline();
+                let budget_ms = millis(remaining(deadline));
+                me.forward(&node, "/internal/read-index", &budget_ms, deadline)
+                    .await
+            }
+        });
+        match tokio::time::timeout(remaining(deadline), round).await {
+            Ok(r) => r,
+            Err(_) => Err(ClusterError::NoQuorum {
+                reason: "no read index from the leader within the request timeout".into(),
+            }),
         }
     }
 

@@ -58,11 +58,17 @@ impl ReadBatcher {
         R: Fn() -> Fut,
         Fut: Future<Output = Result<u64, ClusterError>>,
     {
+        // If a round panics, the guard lets the next read start the rounds again (its waiters
+        // see their channel closed and get an error).
+        let guard = Running(self);
         loop {
             let batch = {
                 let mut s = self.lock();
+                // Callers that gave up need no round.
+                s.waiters.retain(|w| !w.is_closed());
                 if s.waiters.is_empty() {
                     s.running = false;
+                    std::mem::forget(guard);
                     return;
                 }
                 std::mem::take(&mut s.waiters)
@@ -76,6 +82,15 @@ impl ReadBatcher {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Clears `running` if the round task unwinds.
+struct Running<'a>(&'a ReadBatcher);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.lock().running = false;
     }
 }
 
@@ -146,6 +161,14 @@ mod tests {
         assert_eq!(x, Err(ClusterError::NotLeader { leader: Some(2) }));
         assert_eq!(y, x);
         assert_eq!(b.read_index(|| async { Ok(7) }).await, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_round_does_not_stop_later_reads() {
+        let b = Arc::new(ReadBatcher::default());
+        let r = b.read_index(|| async { panic!("round failed") }).await;
+        assert!(matches!(r, Err(ClusterError::Unavailable { .. })), "{r:?}");
+        assert_eq!(b.read_index(|| async { Ok(3) }).await, Ok(3));
     }
 
     #[tokio::test]

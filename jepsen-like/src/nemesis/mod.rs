@@ -782,10 +782,14 @@ impl<'a> Nemesis<'a> {
                     .clocks
                     .as_ref()
                     .ok_or("clock faults are not available (no libfaketime)")?;
-                for &n in &nodes {
-                    clocks
-                        .set_offset(n, *offset_s)
-                        .map_err(|e| format!("n{n}'s clock file: {e}"))?;
+                for (i, &n) in nodes.iter().enumerate() {
+                    if let Err(e) = clocks.set_offset(n, *offset_s) {
+                        // Nothing half-applied: the clocks already moved go back.
+                        for &done in &nodes[..i] {
+                            let _ = clocks.set_offset(done, 0);
+                        }
+                        return Err(format!("n{n}'s clock file: {e}"));
+                    }
                 }
                 Ok((Active::Bumped(nodes.clone()), nodes, format!("{base}{how}")))
             }
@@ -950,6 +954,16 @@ impl<'a> Nemesis<'a> {
         }
         if let Err(e) = self.reset_clocks(&self.cluster.ids()) {
             errors.push(e);
+        }
+        // Chunks already queued in the proxies still arrive late, and libfaketime re-reads
+        // its offset once a second: let both settle before the final checks.
+        let settle = match (&self.proxy, &self.clocks) {
+            (Some(_), _) => Some(proxy::MAX_QUEUED),
+            (None, Some(_)) => Some(Duration::from_millis(1500)),
+            (None, None) => None,
+        };
+        if let Some(d) = settle {
+            tokio::time::sleep(d).await;
         }
         for id in self.cluster.ids() {
             if self.cluster.is_paused(id) {

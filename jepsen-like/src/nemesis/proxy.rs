@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -34,6 +34,10 @@ const RTO: Duration = Duration::from_millis(200);
 const MAX_RTO: Duration = Duration::from_secs(3);
 /// Bytes read at a time.
 const CHUNK: usize = 16 * 1024;
+/// Bound on connecting to the node behind a proxy.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// After a heal, what is already queued may still arrive this much later.
+pub const MAX_QUEUED: Duration = Duration::from_millis(800 + 200 + 3000);
 
 /// The fault on one direction of one link.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -77,10 +81,11 @@ impl Links {
     }
 }
 
-/// The proxies of every node; dropping it stops them (open connections end with them).
+/// The proxies of every node; dropping it stops them and every connection through them.
 pub struct Proxy {
     links: Arc<Links>,
     tasks: Vec<JoinHandle<()>>,
+    shutdown: watch::Sender<bool>,
 }
 
 /// Node id of a loopback address 127.0.0.(10+id); 0 for anything else.
@@ -97,6 +102,7 @@ impl Proxy {
     /// Binds a proxy in front of every node's raft port.
     pub async fn start(nodes: &[NodeInfo]) -> io::Result<Proxy> {
         let links = Arc::new(Links::default());
+        let (shutdown, stop) = watch::channel(false);
         let mut tasks = Vec::new();
         for n in nodes {
             let listener = TcpListener::bind(n.proxy())
@@ -107,9 +113,14 @@ impl Proxy {
                 n.id,
                 n.raft(),
                 links.clone(),
+                stop.clone(),
             )));
         }
-        Ok(Proxy { links, tasks })
+        Ok(Proxy {
+            links,
+            tasks,
+            shutdown,
+        })
     }
 
     /// Sets the fault of the direction `from` → `to`.
@@ -144,23 +155,35 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
         for t in &self.tasks {
             t.abort();
         }
     }
 }
 
-async fn accept_loop(listener: TcpListener, to: u64, upstream: SocketAddr, links: Arc<Links>) {
+async fn accept_loop(
+    listener: TcpListener,
+    to: u64,
+    upstream: SocketAddr,
+    links: Arc<Links>,
+    stop: watch::Receiver<bool>,
+) {
     loop {
         let Ok((downstream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let links = links.clone();
+        let (links, mut stop) = (links.clone(), stop.clone());
         tokio::spawn(async move {
-            if let Ok(up) = connect_as(peer.ip(), upstream).await {
+            let connect = tokio::time::timeout(CONNECT_TIMEOUT, connect_as(peer.ip(), upstream));
+            // No upstream: dropping the accepted stream refuses the dialer, as the node would.
+            if let Ok(Ok(up)) = connect.await {
                 links.connections.fetch_add(1, Ordering::Relaxed);
-                splice(downstream, up, node_of(peer.ip()), to, links).await;
+                tokio::select! {
+                    () = splice(downstream, up, node_of(peer.ip()), to, links) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
             }
         });
     }
@@ -179,35 +202,60 @@ async fn connect_as(ip: IpAddr, upstream: SocketAddr) -> io::Result<TcpStream> {
 }
 
 /// Pumps both directions until either side closes.
+/// Pumps both directions until both have ended. A direction that ends in an error (a reset)
+/// tears the other down too; a clean end (FIN) is passed on and the other keeps going.
 async fn splice(down: TcpStream, up: TcpStream, from: u64, to: u64, links: Arc<Links>) {
     let _ = down.set_nodelay(true);
     let (down_r, down_w) = down.into_split();
     let (up_r, up_w) = up.into_split();
-    let a = tokio::spawn(pump(down_r, up_w, from, to, links.clone()));
-    let b = tokio::spawn(pump(up_r, down_w, to, from, links));
-    let _ = tokio::join!(a, b);
+    let mut a = tokio::spawn(pump(down_r, up_w, from, to, links.clone()));
+    let mut b = tokio::spawn(pump(up_r, down_w, to, from, links));
+    let (first, other) = tokio::select! {
+        r = &mut a => (r, b),
+        r = &mut b => (r, a),
+    };
+    match first {
+        Ok(Ok(())) => {
+            let _ = other.await;
+        }
+        _ => other.abort(),
+    }
 }
 
 /// One direction: a reader that stamps every chunk with its delivery time and a writer that
-/// delivers in order at those times.
-async fn pump(mut r: OwnedReadHalf, mut w: OwnedWriteHalf, from: u64, to: u64, links: Arc<Links>) {
+/// delivers in order at those times. Ok when the stream ended cleanly (and the FIN was passed
+/// on), Err on a reset or a failed write.
+async fn pump(
+    mut r: OwnedReadHalf,
+    mut w: OwnedWriteHalf,
+    from: u64,
+    to: u64,
+    links: Arc<Links>,
+) -> io::Result<()> {
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(1024);
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         while let Some((at, bytes)) = rx.recv().await {
             tokio::time::sleep_until(at).await;
-            if w.write_all(&bytes).await.is_err() {
-                return;
-            }
+            w.write_all(&bytes).await?;
         }
-        let _ = w.shutdown().await;
+        w.shutdown().await
     });
     let mut last = Instant::now();
     let mut consecutive_losses = 0u32;
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = tokio::select! {
+            read = r.read(&mut buf) => match read {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    // A reset is not a clean end: the other side must not see a FIN.
+                    writer.abort();
+                    return Err(e);
+                }
+            },
+            // The writer failed (the other side is gone): stop reading.
+            done = &mut writer => return done.unwrap_or_else(|e| Err(io::Error::other(e))),
         };
         let fault = links.fault(from, to);
         let (hold, lost) = {
@@ -227,7 +275,7 @@ async fn pump(mut r: OwnedReadHalf, mut w: OwnedWriteHalf, from: u64, to: u64, l
         }
     }
     drop(tx);
-    let _ = writer.await;
+    writer.await.unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 /// How long a chunk is held under `fault`, and whether it counts as lost.
