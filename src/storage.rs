@@ -854,28 +854,36 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = io::Cursor<Vec<u8>>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (meta, data) = {
+        // Applies wait only for the copy; encoding, sealing and the synced write (hundreds of
+        // milliseconds for a large registry) run off the lock and off the async runtime.
+        let (meta, body) = {
             let s = self.state.read();
             let meta = SnapshotMeta {
                 last_log_id: s.last_applied,
                 last_membership: s.membership.clone(),
             };
-            (
-                meta,
-                encode(&SnapshotBody {
-                    registry: s.registry.clone(),
-                    policy: s.policy.clone(),
-                    cluster_id: s.cluster_id.clone(),
-                    restored: s.restored,
-                }),
-            )
+            let body = SnapshotBody {
+                registry: s.registry.clone(),
+                policy: s.policy.clone(),
+                cluster_id: s.cluster_id.clone(),
+                restored: s.restored,
+            };
+            (meta, body)
         };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
-        let batch = self.store.batch_put(CF_SNAPSHOTS, KEY_SNAPSHOT, &stored)?;
-        self.store.write_synced(batch).await?;
+        let store = self.store.clone();
+        let stored_meta = meta.clone();
+        let stored = tokio::task::spawn_blocking(move || -> Result<StoredSnapshot, StorageError> {
+            let stored = StoredSnapshot {
+                meta: stored_meta,
+                data: encode(&body),
+            };
+            let batch = store.batch_put(CF_SNAPSHOTS, KEY_SNAPSHOT, &stored)?;
+            store.write(batch, true)?;
+            Ok(stored)
+        })
+        .await
+        .map_err(io::Error::other)?
+        .map_err(io::Error::from)?;
         self.built.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             last_log_index = meta.last_log_id.map_or(0, |l| l.index),
