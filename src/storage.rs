@@ -872,18 +872,19 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let store = self.store.clone();
         let stored_meta = meta.clone();
-        let stored = tokio::task::spawn_blocking(move || -> Result<StoredSnapshot, StorageError> {
-            let stored = StoredSnapshot {
-                meta: stored_meta,
-                data: encode(&body),
-            };
-            let batch = store.batch_put(CF_SNAPSHOTS, KEY_SNAPSHOT, &stored)?;
-            store.write(batch, true)?;
-            Ok(stored)
-        })
-        .await
-        .map_err(io::Error::other)?
-        .map_err(io::Error::from)?;
+        let stored =
+            tokio::task::spawn_blocking(move || -> Result<StoredSnapshot, StorageError> {
+                let stored = StoredSnapshot {
+                    meta: stored_meta,
+                    data: encode(&body),
+                };
+                let batch = store.batch_put(CF_SNAPSHOTS, KEY_SNAPSHOT, &stored)?;
+                store.write(batch, true)?;
+                Ok(stored)
+            })
+            .await
+            .map_err(io::Error::other)?
+            .map_err(io::Error::from)?;
         self.built.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             last_log_index = meta.last_log_id.map_or(0, |l| l.index),
