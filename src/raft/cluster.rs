@@ -764,11 +764,27 @@ impl Cluster {
         };
         match inst.health {
             Health::Passing => {
-                self.inner.leases.renew(term, &inst, Instant::now());
-                Ok(HeartbeatOutcome {
-                    ttl_seconds,
-                    revived: false,
-                })
+                if self
+                    .inner
+                    .leases
+                    .renew(term, &inst, Instant::now())
+                    .is_some()
+                {
+                    return Ok(HeartbeatOutcome {
+                        ttl_seconds,
+                        revived: false,
+                    });
+                }
+                // The keeper has proposed this lease's expiry: acknowledging a plain renewal
+                // now would be undone when it commits. Wait for it, then renew or revive.
+                // Found by jepsen-like's lease workload under the net nemesis.
+                if Instant::now() + LEADER_POLL >= deadline {
+                    return Err(ClusterError::Unavailable {
+                        reason: "the lease is being expired; retry".into(),
+                    });
+                }
+                tokio::time::sleep(LEADER_POLL).await;
+                Box::pin(self.heartbeat_local(service, id, caller, deadline)).await
             }
             Health::Critical => {
                 let lease = LeaseRef {
@@ -829,17 +845,24 @@ impl Cluster {
             let deadline = self.deadline();
             if !due.expired.is_empty() {
                 let n = due.expired.len();
+                // Renewals of these wait until the expiry is applied. If it is not known to
+                // be, the marks stay (the entry may still commit) until a later proposal
+                // applies or the term changes.
+                self.inner.leases.mark_expiring(&due.expired);
                 match self
                     .propose(
                         Command::ExpireLeases {
-                            leases: due.expired,
+                            leases: due.expired.clone(),
                             now_ms: now_ms(),
                         },
                         deadline,
                     )
                     .await
                 {
-                    Ok(_) => tracing::info!(count = n, "leases expired"),
+                    Ok(_) => {
+                        self.inner.leases.clear_expiring(&due.expired);
+                        tracing::info!(count = n, "leases expired");
+                    }
                     Err(e) => tracing::warn!(error = %e, "lease expiry not committed; will retry"),
                 }
             }

@@ -21,6 +21,10 @@ struct Table {
     /// The term this table was built in; `None` when not leader.
     term: Option<u64>,
     leases: HashMap<(String, String), Lease>,
+    /// Leases whose expiry the keeper has proposed and not yet seen applied: a renewal of one
+    /// must not be acknowledged as a plain renewal (the expiry may commit after it), so it
+    /// waits and then revives the instance through the log.
+    expiring: HashSet<(String, String)>,
 }
 
 /// What one tick of the lease keeper found to propose.
@@ -67,6 +71,7 @@ impl Leases {
             // Leadership changed (or was lost): forget every deadline, so a new leader grants a
             // full TTL instead of trusting timings it never observed.
             t.leases.clear();
+            t.expiring.clear();
             t.term = leader_term;
         }
         let mut due = Due::default();
@@ -100,15 +105,46 @@ impl Leases {
             }
         }
         t.leases.retain(|k, _| live.contains(k));
+        // An expiry that was applied (the instance is no longer passing) needs no mark; one
+        // whose proposal failed keeps it until the keeper's next proposal settles it.
+        t.expiring.retain(|k| live.contains(k));
         due
     }
 
-    /// Renews the lease of a passing instance (leader only). Returns its TTL.
-    pub(crate) fn renew(&self, leader_term: u64, inst: &Instance, now: Instant) -> Duration {
+    /// The keeper is about to propose the expiry of `leases`.
+    pub(crate) fn mark_expiring(&self, leases: &[LeaseRef]) {
+        let mut t = self.table();
+        for l in leases {
+            t.expiring.insert((l.service.clone(), l.id.clone()));
+        }
+    }
+
+    /// The expiry of `leases` was applied (or a new leader will decide afresh).
+    pub(crate) fn clear_expiring(&self, leases: &[LeaseRef]) {
+        let mut t = self.table();
+        for l in leases {
+            t.expiring.remove(&(l.service.clone(), l.id.clone()));
+        }
+    }
+
+    /// Renews the lease of a passing instance (leader only). Returns its TTL, or `None` while
+    /// an expiry of it is in flight (the caller waits for it and revives the instance).
+    pub(crate) fn renew(
+        &self,
+        leader_term: u64,
+        inst: &Instance,
+        now: Instant,
+    ) -> Option<Duration> {
         let mut t = self.table();
         if t.term != Some(leader_term) {
             t.leases.clear();
+            t.expiring.clear();
             t.term = Some(leader_term);
+        }
+        if t.expiring
+            .contains(&(inst.service.clone(), inst.id.clone()))
+        {
+            return None;
         }
         let ttl = ttl(inst);
         t.leases.insert(
@@ -118,7 +154,7 @@ impl Leases {
                 modify_index: inst.modify_index,
             },
         );
-        ttl
+        Some(ttl)
     }
 
     /// Time left on a lease, if this node tracks it.
@@ -171,7 +207,10 @@ mod tests {
             Due::default()
         );
         let inst = r.instance("web", "a").expect("registered").clone();
-        l.renew(1, &inst, t0 + Duration::from_millis(1900));
+        assert_eq!(
+            l.renew(1, &inst, t0 + Duration::from_millis(1900)),
+            Some(Duration::from_secs(2))
+        );
         assert_eq!(
             l.tick(Some(1), &r, t0 + Duration::from_millis(3000), 0, reap),
             Due::default()
@@ -179,6 +218,32 @@ mod tests {
         let due = l.tick(Some(1), &r, t0 + Duration::from_millis(4000), 0, reap);
         assert_eq!(due.expired.len(), 1);
         assert_eq!(due.expired[0].modify_index, inst.modify_index);
+    }
+
+    /// Once the keeper proposed an expiry, a renewal must not be acknowledged as a plain
+    /// renewal until the expiry settled: it would be undone when the entry commits.
+    #[test]
+    fn no_plain_renewal_while_an_expiry_is_in_flight() {
+        let r = registry_with(Some(2));
+        let l = Leases::default();
+        let t0 = Instant::now();
+        let reap = Duration::from_secs(3600);
+        l.tick(Some(1), &r, t0, 0, reap);
+        let due = l.tick(Some(1), &r, t0 + Duration::from_secs(3), 0, reap);
+        assert_eq!(due.expired.len(), 1);
+        let inst = r.instance("web", "a").expect("registered").clone();
+        l.mark_expiring(&due.expired);
+        assert_eq!(l.renew(1, &inst, t0 + Duration::from_secs(3)), None);
+        // A proposal that failed leaves the mark: still no plain renewal, and still due.
+        let again = l.tick(Some(1), &r, t0 + Duration::from_secs(4), 0, reap);
+        assert_eq!(again.expired.len(), 1);
+        assert_eq!(l.renew(1, &inst, t0 + Duration::from_secs(4)), None);
+        // Applied (cleared by the keeper): renewals work again.
+        l.clear_expiring(&again.expired);
+        assert!(l.renew(1, &inst, t0 + Duration::from_secs(4)).is_some());
+        // A new term forgets the marks.
+        l.mark_expiring(&again.expired);
+        assert!(l.renew(2, &inst, t0 + Duration::from_secs(5)).is_some());
     }
 
     #[test]
