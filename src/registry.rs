@@ -27,6 +27,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
+
+use imbl::OrdMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -446,8 +449,9 @@ impl Outcome {
 /// One service: its instances and the index of its last change.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct ServiceEntry {
-    /// Instances by id.
-    instances: BTreeMap<String, Instance>,
+    /// Instances by id. Shared with every copy of the registry (see [`Registry`]); a change
+    /// copies the path to one leaf and the `Arc`s in it, never the instances themselves.
+    instances: OrdMap<String, Arc<Instance>>,
     /// Log index of the last change to this service, including deletions. The entry is kept
     /// after its last instance goes, so a blocking query on the service sees the deletion
     /// (and never sees the index go back to 0). These tombstones are a few bytes per service
@@ -501,11 +505,14 @@ pub struct ServiceSummary {
 
 /// The replicated registry: every service and instance, plus the modify index.
 ///
-/// Its serde form is the snapshot payload and is deterministic (only `BTreeMap`s).
+/// The maps are persistent B-trees (`imbl::OrdMap`): a clone is O(1) and shares structure
+/// with the original, so a snapshot copies the state under the lock in constant time, however
+/// large the registry. Their serde form is that of sorted maps, like `BTreeMap`'s: the
+/// snapshot payload is deterministic.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registry {
     /// Services by name, including emptied ones (see [`ServiceEntry::index`]).
-    services: BTreeMap<String, ServiceEntry>,
+    services: OrdMap<String, ServiceEntry>,
     /// Log index of the last change to any service.
     index: u64,
 }
@@ -649,7 +656,9 @@ impl Registry {
             updated_at_ms: now_ms,
         };
         let entry = self.touch(index, service);
-        entry.instances.insert(id.to_owned(), instance.clone());
+        entry
+            .instances
+            .insert(id.to_owned(), Arc::new(instance.clone()));
         Outcome::Registered { instance, created }
     }
 
@@ -697,7 +706,9 @@ impl Registry {
         match removed {
             Some(instance) => {
                 self.touch(index, service);
-                Outcome::Deregistered { instance }
+                Outcome::Deregistered {
+                    instance: Arc::unwrap_or_clone(instance),
+                }
             }
             // Presence was checked above; kept total rather than panicking.
             None => Outcome::NotFound,
@@ -740,7 +751,7 @@ impl Registry {
                     entry.instances.remove(&lease.id);
                 }
                 LeaseAction::Expire | LeaseAction::Revive => {
-                    if let Some(i) = entry.instances.get_mut(&lease.id) {
+                    if let Some(i) = entry.instances.get_mut(&lease.id).map(Arc::make_mut) {
                         i.health = if action == LeaseAction::Expire {
                             Health::Critical
                         } else {
@@ -776,12 +787,12 @@ impl Registry {
     /// leases and reap timers start afresh (the leader's lease table keys deadlines by
     /// `modify_index`, so each lease gets a full TTL). Pure, like [`Registry::apply`].
     pub fn restore(&mut self, index: u64, restored: &Registry, now_ms: u64) {
-        let mut services: BTreeMap<String, ServiceEntry> = BTreeMap::new();
+        let mut services: OrdMap<String, ServiceEntry> = OrdMap::new();
         for name in self.services.keys() {
             services.insert(
                 name.clone(),
                 ServiceEntry {
-                    instances: BTreeMap::new(),
+                    instances: OrdMap::new(),
                     index,
                 },
             );
@@ -791,11 +802,11 @@ impl Registry {
                 .instances
                 .iter()
                 .map(|(id, inst)| {
-                    let mut inst = inst.clone();
+                    let mut inst = Instance::clone(inst);
                     inst.modify_index = index;
                     inst.create_index = inst.create_index.min(index);
                     inst.updated_at_ms = now_ms;
-                    (id.clone(), inst)
+                    (id.clone(), Arc::new(inst))
                 })
                 .collect();
             services.insert(name.clone(), ServiceEntry { instances, index });
@@ -806,7 +817,9 @@ impl Registry {
 
     /// The instances of every service, in name order (for comparing states and backups).
     pub fn all_instances(&self) -> impl Iterator<Item = &Instance> {
-        self.services.values().flat_map(|s| s.instances.values())
+        self.services
+            .values()
+            .flat_map(|s| s.instances.values().map(Arc::as_ref))
     }
 
     /// Number of services with at least one instance.
@@ -830,7 +843,11 @@ impl Registry {
 
     /// One instance, if registered.
     pub fn instance(&self, service: &str, id: &str) -> Option<&Instance> {
-        self.services.get(service)?.instances.get(id)
+        self.services
+            .get(service)?
+            .instances
+            .get(id)
+            .map(Arc::as_ref)
     }
 
     /// The instances of `service` that pass `filter`, sorted by id; with `filter.near`, the
@@ -839,14 +856,17 @@ impl Registry {
         let Some(entry) = self.services.get(service) else {
             return Vec::new();
         };
-        // BTreeMap iteration is already in id order; the partition is stable.
-        let matching = entry.instances.values().filter(|i| filter.matches(i));
+        // OrdMap iteration is already in id order; the partition is stable.
+        let matching = entry
+            .instances
+            .values()
+            .filter(|i| filter.matches(i))
+            .map(|i| Instance::clone(i));
         match &filter.near {
-            None => matching.cloned().collect(),
+            None => matching.collect(),
             Some(near) => {
-                let (mut same, rest): (Vec<Instance>, Vec<Instance>) = matching
-                    .cloned()
-                    .partition(|i| i.zone.as_ref() == Some(near));
+                let (mut same, rest): (Vec<Instance>, Vec<Instance>) =
+                    matching.partition(|i| i.zone.as_ref() == Some(near));
                 same.extend(rest);
                 same
             }
@@ -876,7 +896,7 @@ impl Registry {
     pub fn leased(&self) -> impl Iterator<Item = &Instance> {
         self.services
             .values()
-            .flat_map(|s| s.instances.values())
+            .flat_map(|s| s.instances.values().map(Arc::as_ref))
             .filter(|i| i.ttl_seconds.is_some())
     }
 
@@ -1732,5 +1752,98 @@ mod tests {
         let mut r = Registry::new();
         r.apply(5, &register("web", "w1", spec(), Precondition::None));
         r.apply(5, &register("web", "w2", spec(), Precondition::None));
+    }
+
+    // ---- persistent maps ----
+
+    #[test]
+    fn a_copy_keeps_its_state_while_the_original_changes() {
+        let mut r = Registry::new();
+        for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+            r.apply(
+                i as u64 + 1,
+                &register("web", id, spec(), Precondition::None),
+            );
+        }
+        let copy = r.clone();
+        let before = bytes(&copy);
+        r.apply(4, &register("web", "d", spec(), Precondition::None));
+        r.apply(5, &register("api", "x", spec(), Precondition::None));
+        let lease = lease_ref(&r, "web", "a");
+        r.apply(6, &expire(vec![lease]));
+        r.apply(
+            7,
+            &Command::Deregister {
+                service: "web".into(),
+                id: "b".into(),
+                precondition: Precondition::None,
+                now_ms: 1_000,
+                by: "service/web".into(),
+            },
+        );
+        assert_eq!(bytes(&copy), before, "the copy saw a later change");
+        assert_eq!(copy.index(), 3);
+        assert_eq!(
+            copy.instance("web", "a").map(|i| i.health),
+            Some(Health::Passing)
+        );
+        assert!(copy.instance("web", "b").is_some());
+        assert!(copy.instance("web", "d").is_none());
+        assert_eq!(
+            r.instance("web", "a").map(|i| i.health),
+            Some(Health::Critical)
+        );
+        assert!(r.instance("web", "b").is_none());
+    }
+
+    /// Snapshots and backup files written before the maps became persistent must still
+    /// decode, and new ones must decode in older builds: the encoding is that of sorted maps.
+    #[test]
+    fn serde_form_is_that_of_sorted_maps() {
+        #[derive(Serialize)]
+        struct OldEntry {
+            instances: BTreeMap<String, Instance>,
+            index: u64,
+        }
+        #[derive(Serialize)]
+        struct OldRegistry {
+            services: BTreeMap<String, OldEntry>,
+            index: u64,
+        }
+        let mut r = Registry::new();
+        // Inserted out of order: both forms must sort.
+        for (i, (service, id)) in [("web", "b"), ("api", "z"), ("web", "a"), ("db", "m")]
+            .into_iter()
+            .enumerate()
+        {
+            r.apply(
+                i as u64 + 1,
+                &register(service, id, spec(), Precondition::None),
+            );
+        }
+        let mut old = OldRegistry {
+            services: BTreeMap::new(),
+            index: r.index(),
+        };
+        for service in ["api", "db", "web"] {
+            old.services.insert(
+                service.into(),
+                OldEntry {
+                    instances: r
+                        .instances(service, &Filter::default())
+                        .into_iter()
+                        .map(|i| (i.id.clone(), i))
+                        .collect(),
+                    index: r.service_index(service),
+                },
+            );
+        }
+        let old_bytes =
+            bincode::serde::encode_to_vec(&old, bincode::config::standard()).expect("encode");
+        assert_eq!(bytes(&r), old_bytes);
+        let (decoded, _): (Registry, usize) =
+            bincode::serde::decode_from_slice(&old_bytes, bincode::config::standard())
+                .expect("decode");
+        assert_eq!(decoded, r);
     }
 }
