@@ -16,6 +16,12 @@ use cairn::config::{Config, Overrides};
 use cairn::crypto::Keyring;
 use cairn::identity::Identity;
 
+/// mimalloc instead of glibc's malloc: the registry is millions of small strings; on a loaded
+/// cluster glibc spent ~8% of the leader's CPU in malloc/free (perf), and mimalloc cut the
+/// nodes' CPU per write by ~12% (same run, same data).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "cairn", version, about = "A secure internal service registry")]
 struct Cli {

@@ -832,11 +832,13 @@ impl Cluster {
                 _ = shutdown.changed() => return,
             }
             let term = self.leader_term();
+            // The walk covers every leased instance: it runs on a copy (O(1), the maps are
+            // persistent) so applies never wait for it.
             let due = {
-                let s = self.inner.state.read();
+                let registry = self.inner.state.read().registry.clone();
                 self.inner.leases.tick(
                     term,
-                    &s.registry,
+                    &registry,
                     Instant::now(),
                     now_ms(),
                     self.inner.settings.reap_after,
