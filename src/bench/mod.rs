@@ -54,15 +54,19 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
 /// `bench first-write`: prints the Unix time (ns) of the first acknowledged write.
 pub async fn first_write(args: &FirstWriteArgs) -> anyhow::Result<()> {
-    let prefix = args.key_prefix.clone().unwrap_or_else(random_prefix);
-    validate_prefix(&prefix)?;
     let files = http::TlsFiles {
         ca: &args.ca,
         cert: &args.cert,
         key: &args.key,
     };
-    let tls = http::client_tls_config(files, false)?;
-    let pool = http::HttpPool::new(&args.endpoints, Some(tls), 1, failover::ATTEMPT_TIMEOUT)?;
+    let conn = Connection {
+        tls: files,
+        http1: false,
+        endpoints: &args.endpoints,
+        connections: 1,
+        timeout: failover::ATTEMPT_TIMEOUT,
+    };
+    let (pool, prefix) = conn.open(args.key_prefix.as_deref())?;
     let (at, attempts) = match args.target {
         TargetKind::Cairn => {
             let t = Arc::new(cairn::CairnTarget::new(pool, &prefix));
@@ -98,15 +102,19 @@ pub fn compare_files(args: &CompareArgs) -> anyhow::Result<()> {
 /// (also written to `--json`).
 pub async fn run_bench(args: &RunArgs) -> anyhow::Result<Vec<BenchResult>> {
     validate(args)?;
-    let prefix = args.key_prefix.clone().unwrap_or_else(random_prefix);
-    validate_prefix(&prefix)?;
     let files = http::TlsFiles {
         ca: &args.ca,
         cert: &args.cert,
         key: &args.key,
     };
-    let tls = http::client_tls_config(files, args.http1)?;
-    let pool = http::HttpPool::new(&args.endpoints, Some(tls), args.connections, args.timeout)?;
+    let conn = Connection {
+        tls: files,
+        http1: args.http1,
+        endpoints: &args.endpoints,
+        connections: args.connections,
+        timeout: args.timeout,
+    };
+    let (pool, prefix) = conn.open(args.key_prefix.as_deref())?;
     eprintln!(
         "bench: target {} at {} endpoint(s), {} connection(s), key prefix `{prefix}`",
         args.target.name(),
@@ -133,6 +141,27 @@ pub async fn run_bench(args: &RunArgs) -> anyhow::Result<Vec<BenchResult>> {
         );
     }
     Ok(results)
+}
+
+/// How a command reaches its target: mTLS from these files, a pool of `connections` over
+/// `endpoints`, each request bounded by `timeout`.
+struct Connection<'a> {
+    tls: http::TlsFiles<'a>,
+    http1: bool,
+    endpoints: &'a [String],
+    connections: usize,
+    timeout: std::time::Duration,
+}
+
+impl Connection<'_> {
+    /// The client pool, and the key prefix (`key_prefix`, validated, or a random one).
+    fn open(self, key_prefix: Option<&str>) -> anyhow::Result<(http::HttpPool, String)> {
+        let prefix = key_prefix.map_or_else(random_prefix, str::to_owned);
+        validate_prefix(&prefix)?;
+        let tls = http::client_tls_config(self.tls, self.http1)?;
+        let pool = http::HttpPool::new(self.endpoints, Some(tls), self.connections, self.timeout)?;
+        Ok((pool, prefix))
+    }
 }
 
 fn validate(args: &RunArgs) -> anyhow::Result<()> {

@@ -711,105 +711,109 @@ impl Cluster {
         caller: &str,
         deadline: Instant,
     ) -> Result<HeartbeatOutcome, ClusterError> {
-        let Some(term) = self.leader_term() else {
-            return Err(ClusterError::NotLeader {
-                leader: self.leader().map(|l| l.0),
-            });
-        };
-        // A leader cut off from the majority still believes it leads until its own election
-        // timeout; a renewal it acknowledged then would be unknown to the new leader, which
-        // would expire the instance inside its acknowledged TTL. So a renewal is acknowledged
-        // only after a quorum confirms this leadership (the ReadIndex round of reads), and
-        // only in the term it was confirmed for. Found by jepsen-like's lease workload.
-        self.read_index_local(deadline).await?;
-        if self.leader_term() != Some(term) {
-            return Err(ClusterError::NotLeader {
-                leader: self.leader().map(|l| l.0),
-            });
-        }
-        // The leader's applied state holds every acknowledged registration and policy change
-        // (client_write returns after apply on the leader), so these checks are current.
-        // Renewals are not logged, so the leader is where they are authorized.
-        let inst = {
-            let s = self.inner.state.read();
-            let who: Identity = caller.parse().map_err(|_| ClusterError::Forbidden {
-                reason: format!("{caller:?} is not an identity"),
-            })?;
-            let resource = Resource::Service(service);
-            s.policy
-                .authorize(&who, Action::Heartbeat, resource)
-                .map_err(|d| ClusterError::Forbidden {
-                    reason: d.to_string(),
+        // Each pass confirms leadership afresh; a pass ends early only while the keeper's
+        // expiry of this lease is in flight (see the Passing arm).
+        loop {
+            let Some(term) = self.leader_term() else {
+                return Err(ClusterError::NotLeader {
+                    leader: self.leader().map(|l| l.0),
+                });
+            };
+            // A leader cut off from the majority still believes it leads until its own election
+            // timeout; a renewal it acknowledged then would be unknown to the new leader, which
+            // would expire the instance inside its acknowledged TTL. So a renewal is acknowledged
+            // only after a quorum confirms this leadership (the ReadIndex round of reads), and
+            // only in the term it was confirmed for. Found by jepsen-like's lease workload.
+            self.read_index_local(deadline).await?;
+            if self.leader_term() != Some(term) {
+                return Err(ClusterError::NotLeader {
+                    leader: self.leader().map(|l| l.0),
+                });
+            }
+            // The leader's applied state holds every acknowledged registration and policy change
+            // (client_write returns after apply on the leader), so these checks are current.
+            // Renewals are not logged, so the leader is where they are authorized.
+            let inst = {
+                let s = self.inner.state.read();
+                let who: Identity = caller.parse().map_err(|_| ClusterError::Forbidden {
+                    reason: format!("{caller:?} is not an identity"),
                 })?;
-            let inst = s.registry.instance(service, id).cloned();
-            if let Some(i) = &inst {
-                if i.registered_by != caller && !s.policy.allows(&who, Action::Admin, resource) {
-                    return Err(ClusterError::Forbidden {
-                        reason: not_owner(service, id, &i.registered_by),
-                    });
+                let resource = Resource::Service(service);
+                s.policy
+                    .authorize(&who, Action::Heartbeat, resource)
+                    .map_err(|d| ClusterError::Forbidden {
+                        reason: d.to_string(),
+                    })?;
+                let inst = s.registry.instance(service, id).cloned();
+                if let Some(i) = &inst {
+                    if i.registered_by != caller && !s.policy.allows(&who, Action::Admin, resource)
+                    {
+                        return Err(ClusterError::Forbidden {
+                            reason: not_owner(service, id, &i.registered_by),
+                        });
+                    }
                 }
-            }
-            inst
-        };
-        let Some(inst) = inst else {
-            return Err(ClusterError::NotFound {
-                what: format!("instance {service}/{id}"),
-            });
-        };
-        let Some(ttl_seconds) = inst.ttl_seconds else {
-            return Err(ClusterError::Invalid {
-                field: "ttl_seconds".into(),
-                message: "instance was registered without a lease; nothing to renew".into(),
-            });
-        };
-        match inst.health {
-            Health::Passing => {
-                if self
-                    .inner
-                    .leases
-                    .renew(term, &inst, Instant::now())
-                    .is_some()
-                {
-                    return Ok(HeartbeatOutcome {
-                        ttl_seconds,
-                        revived: false,
-                    });
+                inst
+            };
+            let Some(inst) = inst else {
+                return Err(ClusterError::NotFound {
+                    what: format!("instance {service}/{id}"),
+                });
+            };
+            let Some(ttl_seconds) = inst.ttl_seconds else {
+                return Err(ClusterError::Invalid {
+                    field: "ttl_seconds".into(),
+                    message: "instance was registered without a lease; nothing to renew".into(),
+                });
+            };
+            match inst.health {
+                Health::Passing => {
+                    if self
+                        .inner
+                        .leases
+                        .renew(term, &inst, Instant::now())
+                        .is_some()
+                    {
+                        return Ok(HeartbeatOutcome {
+                            ttl_seconds,
+                            revived: false,
+                        });
+                    }
+                    // The keeper has proposed this lease's expiry: acknowledging a plain renewal
+                    // now would be undone when it commits. Wait for it, then renew or revive.
+                    // Found by jepsen-like's lease workload under the net nemesis.
+                    if Instant::now() + LEADER_POLL >= deadline {
+                        return Err(ClusterError::Unavailable {
+                            reason: "the lease is being expired; retry".into(),
+                        });
+                    }
+                    tokio::time::sleep(LEADER_POLL).await;
                 }
-                // The keeper has proposed this lease's expiry: acknowledging a plain renewal
-                // now would be undone when it commits. Wait for it, then renew or revive.
-                // Found by jepsen-like's lease workload under the net nemesis.
-                if Instant::now() + LEADER_POLL >= deadline {
-                    return Err(ClusterError::Unavailable {
-                        reason: "the lease is being expired; retry".into(),
-                    });
-                }
-                tokio::time::sleep(LEADER_POLL).await;
-                Box::pin(self.heartbeat_local(service, id, caller, deadline)).await
-            }
-            Health::Critical => {
-                let lease = LeaseRef {
-                    service: inst.service,
-                    id: inst.id,
-                    modify_index: inst.modify_index,
-                };
-                let res = self
-                    .propose(
-                        Command::Revive {
-                            lease,
-                            now_ms: now_ms(),
-                        },
-                        deadline,
-                    )
-                    .await?;
-                match res.outcome {
-                    Outcome::Leases { changed: 1 } => Ok(HeartbeatOutcome {
-                        ttl_seconds,
-                        revived: true,
-                    }),
-                    // Changed in between (re-registered or removed): let the client retry.
-                    _ => Err(ClusterError::Conflict {
-                        reason: "instance changed during renewal; retry".into(),
-                    }),
+                Health::Critical => {
+                    let lease = LeaseRef {
+                        service: inst.service,
+                        id: inst.id,
+                        modify_index: inst.modify_index,
+                    };
+                    let res = self
+                        .propose(
+                            Command::Revive {
+                                lease,
+                                now_ms: now_ms(),
+                            },
+                            deadline,
+                        )
+                        .await?;
+                    return match res.outcome {
+                        Outcome::Leases { changed: 1 } => Ok(HeartbeatOutcome {
+                            ttl_seconds,
+                            revived: true,
+                        }),
+                        // Changed in between (re-registered or removed): let the client retry.
+                        _ => Err(ClusterError::Conflict {
+                            reason: "instance changed during renewal; retry".into(),
+                        }),
+                    };
                 }
             }
         }

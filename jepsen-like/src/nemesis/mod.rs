@@ -705,10 +705,13 @@ impl<'a> Nemesis<'a> {
                         Err(e) => eprintln!("kill n{id} (pid {pid:?}): {e}"),
                     }
                 }
-                if done.is_empty() {
-                    return Err(format!("no node of {nodes:?} could be killed"));
-                }
-                Ok((Active::Killed(done.clone()), done, format!("{base}{how}")))
+                acted(
+                    &nodes,
+                    done,
+                    "killed",
+                    Active::Killed,
+                    format!("{base}{how}"),
+                )
             }
             Fault::Pause { target } => {
                 let (nodes, how) = self.resolve(target).await;
@@ -719,10 +722,13 @@ impl<'a> Nemesis<'a> {
                         Err(e) => eprintln!("pause n{id}: {e}"),
                     }
                 }
-                if done.is_empty() {
-                    return Err(format!("no node of {nodes:?} could be paused"));
-                }
-                Ok((Active::Paused(done.clone()), done, format!("{base}{how}")))
+                acted(
+                    &nodes,
+                    done,
+                    "paused",
+                    Active::Paused,
+                    format!("{base}{how}"),
+                )
             }
             Fault::Partition { grudge } => {
                 let leader = if *grudge == Grudge::IsolateLeader {
@@ -798,32 +804,8 @@ impl<'a> Nemesis<'a> {
 
     async fn heal(&mut self, active: Active) -> Result<(), String> {
         match active {
-            Active::Killed(nodes) => {
-                let mut errors = Vec::new();
-                for id in nodes {
-                    if let Err(e) = self.cluster.start(id) {
-                        errors.push(e.to_string());
-                    }
-                }
-                if errors.is_empty() {
-                    Ok(())
-                } else {
-                    Err(errors.join("; "))
-                }
-            }
-            Active::Paused(nodes) => {
-                let mut errors = Vec::new();
-                for id in nodes {
-                    if let Err(e) = self.cluster.resume(id) {
-                        errors.push(e.to_string());
-                    }
-                }
-                if errors.is_empty() {
-                    Ok(())
-                } else {
-                    Err(errors.join("; "))
-                }
-            }
+            Active::Killed(nodes) => on_each(&nodes, |id| self.cluster.start(id)),
+            Active::Paused(nodes) => on_each(&nodes, |id| self.cluster.resume(id)),
             Active::Cut => match self.firewall.as_mut() {
                 Some(fw) => fw.heal(),
                 None => Ok(()),
@@ -1009,6 +991,36 @@ impl<'a> Nemesis<'a> {
         }
         errors
     }
+}
+
+/// Runs `op` on every node and collects the errors: `Err` joins them, if any.
+fn on_each<T, E: fmt::Display>(
+    nodes: &[u64],
+    mut op: impl FnMut(u64) -> Result<T, E>,
+) -> Result<(), String> {
+    let errors: Vec<String> = nodes
+        .iter()
+        .filter_map(|&id| op(id).err().map(|e| e.to_string()))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// The result of a process fault applied to `done` out of `nodes`: an error if none took it.
+fn acted(
+    nodes: &[u64],
+    done: Vec<u64>,
+    verb: &str,
+    active: fn(Vec<u64>) -> Active,
+    description: String,
+) -> Result<(Active, Vec<u64>, String), String> {
+    if done.is_empty() {
+        return Err(format!("no node of {nodes:?} could be {verb}"));
+    }
+    Ok((active(done.clone()), done, description))
 }
 
 #[cfg(test)]
