@@ -36,7 +36,8 @@ pub const HEADER_LAST_CONTACT: &str = "x-cairn-last-contact";
 #[derive(Clone)]
 pub struct ApiState {
     pub cluster: Cluster,
-    pub trust_domain: String,
+    /// Reads callers' identities from their certificates, in this node's trust domain.
+    pub identities: identity::CertIdentities,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Cap on `wait=` of blocking queries.
@@ -307,7 +308,9 @@ async fn authenticate(
             None => Err(ApiError::Unauthenticated {
                 reason: "no credential: present a client certificate or a bearer token".into(),
             }),
-            Some(der) => identity::identity_from_cert(der, &s.trust_domain)
+            Some(der) => s
+                .identities
+                .of(der)
                 .map(|identity| Caller {
                     identity,
                     via: "certificate",

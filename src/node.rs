@@ -222,7 +222,7 @@ async fn serve(
         .serve(rpc_router(cluster.clone()).into_make_service());
     let api_state = ApiState {
         cluster: cluster.clone(),
-        trust_domain: cfg.trust_domain.clone(),
+        identities: cluster.identities().clone(),
         max_body_bytes: cfg.limits.max_body_bytes,
         max_wait: Duration::from_secs(cfg.limits.max_wait_seconds),
         tokens: tokens.clone(),

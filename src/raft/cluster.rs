@@ -25,7 +25,7 @@ use super::read_batch::ReadBatcher;
 use super::{BackupState, Member, Raft, Request, Response};
 use crate::authz::{AclCommand, AclOutcome, Action, Resource};
 use crate::config::PlantedBug;
-use crate::identity::Identity;
+use crate::identity::{CertIdentities, Identity};
 use crate::registry::{Command, Health, InstanceSpec, LeaseRef, Outcome, Precondition};
 use crate::storage::SharedState;
 use crate::tls::{CertValidity, TlsMaterial};
@@ -192,6 +192,8 @@ struct Inner {
     /// On the leader: every read-index request (its own and its followers') shares one
     /// quorum round.
     leader_reads: Arc<ReadBatcher>,
+    /// Peers' identities from their certificates (shared with the API listener).
+    identities: CertIdentities,
 }
 
 /// Cheap cloneable handle on the node's replicated core.
@@ -275,6 +277,7 @@ impl Cluster {
         settings: ClusterSettings,
         tls: TlsMaterial,
     ) -> Cluster {
+        let identities = CertIdentities::new(&settings.trust_domain);
         Cluster {
             inner: Arc::new(Inner {
                 id,
@@ -288,6 +291,7 @@ impl Cluster {
                 last_leader_contact: Mutex::new(None),
                 reads: Mutex::new(None),
                 leader_reads: Arc::default(),
+                identities,
             }),
         }
     }
@@ -303,6 +307,11 @@ impl Cluster {
     /// The applied state (read side).
     pub fn state(&self) -> &SharedState {
         &self.inner.state
+    }
+
+    /// Reads peers' identities from their certificates, in this node's trust domain.
+    pub fn identities(&self) -> &CertIdentities {
+        &self.inner.identities
     }
 
     pub fn trust_domain(&self) -> &str {

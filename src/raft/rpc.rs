@@ -106,7 +106,10 @@ fn from_member(c: &Cluster, tls: Option<Extension<Arc<TlsInfo>>>) -> Result<(), 
     let Some(Extension(tls)) = tls else {
         return refuse("no TLS session".into());
     };
-    match crate::tls::peer_identity(&tls.peer_certificates, c.trust_domain()) {
+    let Some(end_entity) = tls.peer_certificates.first() else {
+        return refuse("no peer certificate".into());
+    };
+    match c.identities().of(end_entity) {
         Ok(Identity::Node(id)) if c.is_member(id) => Ok(()),
         Ok(identity) => refuse(format!("{identity} is not a member of this cluster")),
         Err(e) => refuse(e.to_string()),
