@@ -173,10 +173,6 @@ impl CertIdentities {
         }
     }
 
-    pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
-    }
-
     /// The identity named by the certificate `der` (see [`identity_from_cert`]).
     pub fn of(&self, der: &[u8]) -> Result<Identity, IdentityError> {
         let lock = || self.seen.lock().unwrap_or_else(|p| p.into_inner());

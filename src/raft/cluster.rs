@@ -314,10 +314,6 @@ impl Cluster {
         &self.inner.identities
     }
 
-    pub fn trust_domain(&self) -> &str {
-        &self.inner.settings.trust_domain
-    }
-
     /// Whether `id` is in the current membership (voter or learner).
     pub fn is_member(&self, id: u64) -> bool {
         let m = self.inner.raft.metrics();
